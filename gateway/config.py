@@ -1,0 +1,368 @@
+"""The gateway's configuration: pydantic models of CONTRACT §2 and :func:`load_config`.
+
+The YAML file is validated strictly (unknown keys are errors) and cross-checked
+(every model names a configured upstream, issuers are unique, keys are present in
+the environment).  Every problem is reported as ``key.path: message``; all of them
+at once, so an operator fixes a file in one pass.
+
+Secrets never come from the file: upstream API keys and introspection client
+secrets are read from the environment variables the file names
+(``api_key_env``, ``client_secret_env``) and kept in private attributes that are
+excluded from ``model_dump`` and ``repr``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_SCOPE = "language-model-service:use-model"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    """``server:`` — listeners, drain and per-replica caps.
+
+    Times are seconds; sizes are bytes.
+    """
+
+    host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on all interfaces
+    port: int = Field(8080, ge=0, le=65535)
+    metrics_port: int = Field(9090, ge=0, le=65535)
+    drain_seconds: float = Field(300, ge=0)
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    allowed_origins: tuple[str, ...] = ()
+    max_sessions: PositiveInt = 2000
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    handshake_timeout_seconds: PositiveFloat = 15.0
+    """Budget for everything before the 101: auth, admission, upstream dial."""
+    send_timeout_seconds: PositiveFloat = 30.0
+    """A peer that accepts no data for this long is a slow consumer: the session closes."""
+    ping_interval_seconds: PositiveFloat = 20.0
+    ping_timeout_seconds: PositiveFloat = 20.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+
+class RedisConfig(_Model):
+    """``redis:`` — shared admission state.  Absent: in-process limits (one replica only)."""
+
+    url: str
+    fail_mode: Literal["open", "closed"] = "open"
+    timeout_seconds: float = Field(0.25, gt=0, le=0.25)
+    """Socket connect and command timeout; at most 250 ms so a dead Redis cannot stall handshakes."""
+    lease_seconds: float = Field(30.0, ge=3)
+    """Lifetime of a concurrency slot; a live session renews it every third of this."""
+    expected_replicas: PositiveInt = 1
+    """With ``fail_mode: open`` each replica admits ``limit / expected_replicas`` (min 1) alone."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        if urlsplit(url).scheme not in {"redis", "rediss", "redis+cluster", "rediss+cluster"}:
+            raise ValueError("must be a redis://, rediss:// or redis+cluster:// URL")
+        return url
+
+
+class UpstreamConfig(_Model):
+    """One entry of ``upstreams:`` — an OpenAI or Azure OpenAI Realtime endpoint (GA protocol)."""
+
+    provider: Literal["openai", "azure"]
+    url: str
+    api_key_env: str
+    connect_timeout_seconds: PositiveFloat = 10.0
+    _api_key: str = PrivateAttr(default="")
+
+    @field_validator("url")
+    @classmethod
+    def _ws_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in {"ws", "wss"} or not parts.hostname:
+            raise ValueError("must be a ws:// or wss:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment; the model is added per session")
+        return url
+
+    @property
+    def api_key(self) -> str:
+        """The key read from ``api_key_env`` at load time."""
+        return self._api_key
+
+
+class IntrospectionConfig(_Model):
+    """RFC 7662 token introspection for opaque tokens."""
+
+    url: str
+    client_id: str
+    client_secret_env: str
+    cache_seconds: PositiveFloat = 60.0
+    timeout_seconds: PositiveFloat = 2.0
+    _client_secret: str = PrivateAttr(default="")
+
+    @property
+    def client_secret(self) -> str:
+        return self._client_secret
+
+
+class DevIssuerConfig(_Model):
+    """A development issuer: a key pair kept in ``key_file`` (created on first use)."""
+
+    key_file: Path
+
+
+class AuthConfig(_Model):
+    """``tenants[].auth`` — how a tenant's bearer tokens are validated.
+
+    Exactly one key source: ``jwks_uri``, ``discovery_url`` (OIDC discovery,
+    ``jwks_uri`` read from it), ``introspection`` (RFC 7662) or ``dev_issuer``.
+    """
+
+    issuer: str
+    jwks_uri: str | None = None
+    discovery_url: str | None = None
+    introspection: IntrospectionConfig | None = None
+    dev_issuer: DevIssuerConfig | None = None
+    audiences: tuple[str, ...] = ()
+    required_scope: str = DEFAULT_SCOPE
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway_seconds: float = Field(30, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> AuthConfig:
+        sources = [
+            name
+            for name in ("jwks_uri", "discovery_url", "introspection", "dev_issuer")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "exactly one of jwks_uri, discovery_url, introspection, dev_issuer is required"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        return self
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"}
+        bad = [a for a in algorithms if a not in allowed]
+        if bad:
+            raise ValueError(f"unsupported algorithms {bad}; allowed: {sorted(allowed)}")
+        if not algorithms:
+            raise ValueError("at least one algorithm is required")
+        return algorithms
+
+
+class ModelRoute(_Model):
+    """``tenants[].models.<name>`` — the upstream serving a model the tenant may open."""
+
+    upstream: str
+    upstream_model: str | None = None
+    """The model (OpenAI) or deployment (Azure) name sent upstream; defaults to the key."""
+
+
+class LimitsConfig(_Model):
+    """``tenants[].limits`` — admission limits; ``None`` means unlimited.
+
+    ``tokens_per_minute`` refills a bucket continuously; usage events debit it.
+    New sessions are refused while the balance is <= 0, live sessions close
+    (4429) when it falls below ``-token_overdraft`` (default: ``tokens_per_minute``).
+    """
+
+    max_sessions: PositiveInt | None = None
+    max_sessions_per_user: PositiveInt | None = None
+    session_starts_per_minute_per_user: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    token_overdraft: int | None = Field(None, ge=0)
+    max_session_seconds: PositiveFloat = 3600
+
+    @property
+    def overdraft(self) -> int:
+        """The effective overdraft in tokens (0 when there is no token budget)."""
+        if self.tokens_per_minute is None:
+            return 0
+        return self.tokens_per_minute if self.token_overdraft is None else self.token_overdraft
+
+
+class TenantConfig(_Model):
+    """One entry of ``tenants:``."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    auth: AuthConfig
+    models: dict[str, ModelRoute] = Field(min_length=1)
+    limits: LimitsConfig = LimitsConfig()
+
+
+class LoggingConfig(_Model):
+    """``logging:`` — structlog output."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class Config(_Model):
+    """The whole configuration file (CONTRACT §2)."""
+
+    server: ServerConfig = ServerConfig()
+    redis: RedisConfig | None = None
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    tenants: tuple[TenantConfig, ...]
+    logging: LoggingConfig = LoggingConfig()
+
+    def tenant_by_issuer(self, issuer: str) -> TenantConfig | None:
+        """The tenant whose ``auth.issuer`` equals ``issuer`` exactly, or ``None``."""
+        for tenant in self.tenants:
+            if tenant.auth.issuer == issuer:
+                return tenant
+        return None
+
+
+class ConfigError(Exception):
+    """The configuration is invalid.
+
+    ``errors`` lists ``(key_path, message)`` pairs; ``key_path`` is dotted
+    (``tenants.0.models.gpt-realtime.upstream``).  ``str()`` gives one line each.
+    """
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(f"{path}: {message}" for path, message in errors))
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    if not config.tenants:
+        errors.append(("tenants", "at least one tenant is required"))
+    for name, upstream in config.upstreams.items():
+        key = environ.get(upstream.api_key_env, "")
+        if not key:
+            errors.append((f"upstreams.{name}.api_key_env",
+                           f"environment variable {upstream.api_key_env} is not set"))
+        object.__setattr__(upstream, "_api_key", key)  # private attr on a frozen model
+    seen_issuers: dict[str, int] = {}
+    seen_ids: dict[str, int] = {}
+    for index, tenant in enumerate(config.tenants):
+        if tenant.id in seen_ids:
+            errors.append((f"tenants.{index}.id",
+                           f"duplicate tenant id {tenant.id!r} (also tenants.{seen_ids[tenant.id]})"))
+        seen_ids.setdefault(tenant.id, index)
+        issuer = tenant.auth.issuer
+        if issuer in seen_issuers:
+            errors.append((f"tenants.{index}.auth.issuer",
+                           f"duplicate issuer (also tenants.{seen_issuers[issuer]}.auth.issuer)"))
+        seen_issuers.setdefault(issuer, index)
+        for model, route in tenant.models.items():
+            if route.upstream not in config.upstreams:
+                errors.append((f"tenants.{index}.models.{model}.upstream",
+                               f"unknown upstream {route.upstream!r}; configured: "
+                               f"{sorted(config.upstreams)}"))
+        introspection = tenant.auth.introspection
+        if introspection is not None:
+            secret = environ.get(introspection.client_secret_env, "")
+            if not secret:
+                errors.append((f"tenants.{index}.auth.introspection.client_secret_env",
+                               f"environment variable {introspection.client_secret_env} is not set"))
+            object.__setattr__(introspection, "_client_secret", secret)
+        if tenant.auth.dev_issuer is not None and not _is_loopback(config.server.host):
+            errors.append((f"tenants.{index}.auth.dev_issuer",
+                           "a development issuer is allowed only when server.host is a "
+                           "loopback address"))
+    return errors
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_config(data: Any, environ: Mapping[str, str], base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML ``data`` into a :class:`Config`.
+
+    Relative file paths (``dev_issuer.key_file``, TLS files) are resolved against
+    ``base_dir``.  Raises :class:`ConfigError` listing every problem.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([("<root>", "the configuration must be a mapping")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([(_dotted(e["loc"]), e["msg"]) for e in exc.errors()]) from None
+    errors = _cross_check(config, environ)
+    if errors:
+        raise ConfigError(errors)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    def resolve(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base_dir / path
+
+    server = config.server.model_copy(update={
+        "tls_cert_file": resolve(config.server.tls_cert_file),
+        "tls_key_file": resolve(config.server.tls_key_file),
+    })
+    tenants = []
+    for tenant in config.tenants:
+        dev = tenant.auth.dev_issuer
+        if dev is not None:
+            auth = tenant.auth.model_copy(
+                update={"dev_issuer": DevIssuerConfig(key_file=base_dir / dev.key_file)
+                        if not dev.key_file.is_absolute() else dev})
+            tenant = tenant.model_copy(update={"auth": auth})
+        tenants.append(tenant)
+    return config.model_copy(update={"server": server, "tenants": tuple(tenants)})
+
+
+def load_config(path: str | Path, environ: Mapping[str, str]) -> Config:
+    """Read and validate the YAML file at ``path`` (CONTRACT §2).
+
+    ``environ`` supplies the variables named by ``api_key_env`` and
+    ``client_secret_env`` (pass ``os.environ``).  Raises :class:`ConfigError`
+    (also for an unreadable file or invalid YAML).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("<file>", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("<file>", f"invalid YAML: {exc}")]) from None
+    return parse_config(data, environ, base_dir=path.resolve().parent)

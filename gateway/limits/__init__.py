@@ -1,0 +1,1 @@
+"""Admission limits: pure policy math, an in-process backend and a Redis backend."""
