@@ -60,16 +60,24 @@ class GatewayError(Exception):
         message: human text, safe to show and log (no credentials).
         retry_after: seconds the client should wait (``Retry-After``, RFC 9110 §10.2.3),
             or ``None`` when the refusal is not about load.
+        reason: a short machine-readable detail from a bounded set, for logs and metric
+            labels (``expired``, ``bad_signature``, ``status_429``, ``timeout`` ...), or ``None``.
+        tenant: the tenant id once the token selected one (set by the pipeline), for the
+            ``tenant`` label of ``session_rejections_total``; ``None`` before.
     """
 
     http_status: ClassVar[int] = 400
     code: ClassVar[str] = "invalid_request"
     www_authenticate: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.reason = reason
+        self.tenant: str | None = None
 
     @property
     def close_code(self) -> int:
@@ -186,3 +194,4 @@ BUDGET_EXHAUSTED = SessionEnd(4429, "rate_limited", "the tenant's token budget i
 SESSION_EXPIRED = SessionEnd(4408, "session_expired", "the maximum session duration was reached")
 SHUTTING_DOWN = SessionEnd(1012, "shutting_down", "the gateway is restarting; reconnect")
 UPSTREAM_LOST = SessionEnd(1011, "upstream_error", "the upstream connection was lost")
+SLOW_CONSUMER = SessionEnd(1008, "slow_consumer", "a peer stopped reading; the session was closed")
