@@ -47,9 +47,9 @@ class ServerConfig(_Model):
     """
 
     host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on all interfaces
-    port: int = Field(8080, ge=0, le=65535)
-    metrics_port: int = Field(9090, ge=0, le=65535)
-    drain_seconds: float = Field(300, ge=0)
+    port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    drain_seconds: float = Field(default=300, ge=0)
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     allowed_origins: tuple[str, ...] = ()
     max_sessions: PositiveInt = 2000
@@ -74,9 +74,9 @@ class RedisConfig(_Model):
 
     url: str
     fail_mode: Literal["open", "closed"] = "open"
-    timeout_seconds: float = Field(0.25, gt=0, le=0.25)
-    """Socket connect and command timeout; at most 250 ms so a dead Redis cannot stall handshakes."""
-    lease_seconds: float = Field(30.0, ge=3)
+    timeout_seconds: float = Field(default=0.25, gt=0, le=0.25)
+    """Socket connect and command timeout (s); <= 250 ms so a dead Redis cannot stall handshakes."""
+    lease_seconds: float = Field(default=30.0, ge=3)
     """Lifetime of a concurrency slot; a live session renews it every third of this."""
     expected_replicas: PositiveInt = 1
     """With ``fail_mode: open`` each replica admits ``limit / expected_replicas`` (min 1) alone."""
@@ -150,7 +150,7 @@ class AuthConfig(_Model):
     audiences: tuple[str, ...] = ()
     required_scope: str = DEFAULT_SCOPE
     algorithms: tuple[str, ...] = ("RS256", "ES256")
-    leeway_seconds: float = Field(30, ge=0, le=300)
+    leeway_seconds: float = Field(default=30, ge=0, le=300)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:
@@ -199,7 +199,7 @@ class LimitsConfig(_Model):
     max_sessions_per_user: PositiveInt | None = None
     session_starts_per_minute_per_user: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
-    token_overdraft: int | None = Field(None, ge=0)
+    token_overdraft: int | None = Field(default=None, ge=0)
     max_session_seconds: PositiveFloat = 3600
 
     @property
@@ -216,7 +216,7 @@ class TenantConfig(_Model):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     auth: AuthConfig
     models: dict[str, ModelRoute] = Field(min_length=1)
-    limits: LimitsConfig = LimitsConfig()
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class LoggingConfig(_Model):
@@ -229,11 +229,11 @@ class LoggingConfig(_Model):
 class Config(_Model):
     """The whole configuration file (CONTRACT §2)."""
 
-    server: ServerConfig = ServerConfig()
+    server: ServerConfig = Field(default_factory=ServerConfig)
     redis: RedisConfig | None = None
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     tenants: tuple[TenantConfig, ...]
-    logging: LoggingConfig = LoggingConfig()
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def tenant_by_issuer(self, issuer: str) -> TenantConfig | None:
         """The tenant whose ``auth.issuer`` equals ``issuer`` exactly, or ``None``."""
@@ -274,7 +274,8 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
     for index, tenant in enumerate(config.tenants):
         if tenant.id in seen_ids:
             errors.append((f"tenants.{index}.id",
-                           f"duplicate tenant id {tenant.id!r} (also tenants.{seen_ids[tenant.id]})"))
+                           f"duplicate tenant id {tenant.id!r} "
+                           f"(also tenants.{seen_ids[tenant.id]})"))
         seen_ids.setdefault(tenant.id, index)
         issuer = tenant.auth.issuer
         if issuer in seen_issuers:
@@ -291,7 +292,8 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
             secret = environ.get(introspection.client_secret_env, "")
             if not secret:
                 errors.append((f"tenants.{index}.auth.introspection.client_secret_env",
-                               f"environment variable {introspection.client_secret_env} is not set"))
+                               f"environment variable {introspection.client_secret_env} "
+                               "is not set"))
             object.__setattr__(introspection, "_client_secret", secret)
         if tenant.auth.dev_issuer is not None and not _is_loopback(config.server.host):
             errors.append((f"tenants.{index}.auth.dev_issuer",

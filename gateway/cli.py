@@ -1,0 +1,263 @@
+"""The ``realtime-gateway`` command line (CONTRACT §1).
+
+``serve``, ``dev``, ``emulator``, ``token`` and ``check-config``.  Exit status 0 on
+success, 1 on a configuration error, 2 on a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, load_config, parse_config
+
+DEFAULT_CONFIG_ENV = "REALTIME_GATEWAY_CONFIG"
+DEV_TENANT = "dev"
+DEV_AUDIENCE = "realtime-gateway"
+DEV_MODELS = ("gpt-realtime", "gpt-realtime-2", "gpt-realtime-mini")
+DEV_UPSTREAM_KEY_ENV = "REALTIME_GATEWAY_DEV_UPSTREAM_KEY"
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` on uvloop when available (it is on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def _secrets_of(config: Config) -> list[str]:
+    values = [u.api_key for u in config.upstreams.values()]
+    values += [t.auth.introspection.client_secret for t in config.tenants
+               if t.auth.introspection is not None]
+    return [v for v in values if v]
+
+
+def _print_errors(error: ConfigError) -> None:
+    for path, message in error.errors:
+        print(f"{path}: {message}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path, os.environ)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
+    print(f"{args.path}: OK ({len(config.tenants)} tenant(s), "
+          f"{len(config.upstreams)} upstream(s))")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.logs import configure_logging
+    from gateway.server import Listeners, serve
+
+    path = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
+    if not path:
+        print(f"--config is required (or set {DEFAULT_CONFIG_ENV})", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
+    configure_logging(args.log_level or config.logging.level, config.logging.format,
+                      secrets=_secrets_of(config))
+    server = config.server
+    listeners = Listeners(
+        host=args.host or server.host,
+        port=server.port if args.port is None else args.port,
+        metrics_port=server.metrics_port if args.metrics_port is None else args.metrics_port,
+    )
+    _run(serve(config, listeners))
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from gateway.emulator import serve_forever
+    from gateway.logs import configure_logging
+
+    api_key = os.environ.get("EMULATOR_API_KEY") or None
+    configure_logging("info", "console", secrets=[api_key] if api_key else [])
+    _run(serve_forever(args.host, args.port, api_key))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.auth.dev_issuer import DevIssuer
+
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
+    tenant = next((t for t in config.tenants if t.id == args.tenant), None)
+    if tenant is None:
+        print(f"no tenant {args.tenant!r} in {args.config}", file=sys.stderr)
+        return 1
+    if tenant.auth.dev_issuer is None:
+        print(f"tenant {args.tenant!r} has no auth.dev_issuer; tokens come from its issuer",
+              file=sys.stderr)
+        return 1
+    issuer = DevIssuer(tenant.auth.dev_issuer.key_file)
+    print(issuer.mint(
+        issuer=tenant.auth.issuer,
+        audience=tenant.auth.audiences[0] if tenant.auth.audiences else None,
+        sub=args.sub,
+        scope=args.scope or tenant.auth.required_scope,
+        ttl_seconds=args.ttl,
+    ))
+    return 0
+
+
+def dev_state_dir() -> Path:
+    """Where ``dev`` keeps its issuer key: ``$XDG_STATE_HOME/realtime-gateway``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "realtime-gateway"
+
+
+def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
+               environ: dict[str, str], key_file: Path) -> Config:
+    """The in-memory configuration of ``realtime-gateway dev``: loopback only, one
+    tenant ``dev`` with a development issuer, in-process limits, one upstream."""
+    data = {
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0, "drain_seconds": 0},
+        "upstreams": {"upstream": {"provider": "openai", "url": upstream_url,
+                                   "api_key_env": upstream_key_env}},
+        "tenants": [{
+            "id": DEV_TENANT,
+            "auth": {"issuer": f"http://127.0.0.1:{port}/_dev/{DEV_TENANT}",
+                     "dev_issuer": {"key_file": str(key_file)},
+                     "audiences": [DEV_AUDIENCE]},
+            "models": {m: {"upstream": "upstream"} for m in DEV_MODELS},
+        }],
+        "logging": {"level": "info", "format": "console"},
+    }
+    return parse_config(data, environ)
+
+
+async def _dev(port: int) -> None:
+    from gateway.auth.dev_issuer import DevIssuer
+    from gateway.emulator import Emulator
+    from gateway.logs import configure_logging
+    from gateway.server import Listeners, serve
+
+    environ = dict(os.environ)
+    key_file = dev_state_dir() / "dev-issuer.jwk.json"
+    emulator: Emulator | None = None
+    if environ.get("OPENAI_API_KEY"):
+        upstream_url, key_env, upstream_name = (
+            "wss://api.openai.com/v1/realtime", "OPENAI_API_KEY", "OpenAI")
+    else:
+        key_env = DEV_UPSTREAM_KEY_ENV
+        environ[key_env] = secrets.token_urlsafe(24)
+        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env])
+        await emulator.__aenter__()
+        upstream_url = f"{emulator.url}/v1/realtime"
+        upstream_name = f"the built-in emulator ({emulator.url})"
+    config = dev_config(port, upstream_url, upstream_key_env=key_env, environ=environ,
+                        key_file=key_file)
+    configure_logging("info", "console", secrets=_secrets_of(config))
+    tenant = config.tenants[0]
+    token = DevIssuer(key_file).mint(
+        issuer=tenant.auth.issuer, audience=DEV_AUDIENCE, sub="dev-user",
+        scope=tenant.auth.required_scope, ttl_seconds=3600)
+    base = f"ws://127.0.0.1:{port}"
+    print(_dev_banner(base, token, upstream_name), flush=True)
+    try:
+        await serve(config, Listeners("127.0.0.1", port, 0))
+    finally:
+        if emulator is not None:
+            await emulator.__aexit__(None, None, None)
+
+
+def _dev_banner(base: str, token: str, upstream: str) -> str:
+    return f"""
+realtime-gateway {__version__} (development mode) relaying to {upstream}
+
+URL:    {base}/v1/realtime?model=gpt-realtime
+Token:  {token}
+        (valid 1 hour; scope language-model-service:use-model)
+
+Python (pip install openai):
+    import asyncio, openai
+    async def main():
+        client = openai.AsyncOpenAI(api_key="<token>", websocket_base_url="{base}/v1")
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            await conn.session.update(session={{"type": "realtime", "output_modalities": ["text"]}})
+            await conn.conversation.item.create(item={{"type": "message", "role": "user",
+                "content": [{{"type": "input_text", "text": "Hello!"}}]}})
+            await conn.response.create()
+            async for event in conn:
+                print(event.type)
+                if event.type == "response.done":
+                    break
+    asyncio.run(main())
+
+Browser:
+    new WebSocket("{base}/language-model-service/ws/v1/open-ai/realtime?model=gpt-realtime",
+                  ["Bearer-" + token])
+
+A WAV file through the gateway:
+    python examples/wav_client.py --url {base}/v1 --token <token> input.wav reply.wav
+"""
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    _run(_dev(args.port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realtime-gateway",
+                                     description="WebSocket gateway for the OpenAI Realtime API")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=f"config file (default: ${DEFAULT_CONFIG_ENV})")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int)
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    dev = commands.add_parser("dev", help="run locally on 127.0.0.1 with a dev issuer")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.set_defaults(func=cmd_dev)
+
+    emulator = commands.add_parser("emulator", help="run the Realtime protocol emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8081)
+    emulator.set_defaults(func=cmd_emulator)
+
+    token = commands.add_parser("token", help="mint a token from a tenant's dev issuer")
+    token.add_argument("--config", required=True)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--sub", required=True)
+    token.add_argument("--scope")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.set_defaults(func=cmd_token)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``realtime-gateway`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    status: int = args.func(args)
+    return status

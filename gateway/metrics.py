@@ -1,0 +1,101 @@
+"""Prometheus metrics of CONTRACT §6 on the gateway's own ``CollectorRegistry``.
+
+No metric is registered globally: each :class:`Metrics` owns a registry, so
+tests can build many gateways in one process.  Label values are bounded: tenant
+ids and model names come from the configuration (``unknown`` before a tenant is
+known), never from user input or token claims.
+
+Per-frame counts are kept in the session and published here at most once a
+second and at close (see :mod:`gateway.relay`), never per frame.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from gateway import __version__
+
+PREFIX = "realtime_gateway"
+UNKNOWN_TENANT = "unknown"
+
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+
+class Metrics:
+    """Every metric of CONTRACT §6, plus ``tenant_max_sessions{tenant}`` (the configured cap,
+    for the "near the tenant cap" alert) and the standard process/platform collectors.
+
+    Attribute names follow the metric names without the ``realtime_gateway_`` prefix.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        p = PREFIX
+        self.sessions_active = Gauge(
+            f"{p}_sessions_active", "Live relayed sessions.", ["tenant", "model", "upstream"],
+            registry=r)
+        self.sessions_total = Counter(
+            f"{p}_sessions", "Established sessions that ended, by outcome "
+            "(ok, token_expired, rate_limited, session_expired, shutting_down, upstream_error).",
+            ["tenant", "model", "upstream", "outcome"], registry=r)
+        self.session_rejections_total = Counter(
+            f"{p}_session_rejections", "Sessions refused before or at the upgrade, by error code.",
+            ["tenant", "code"], registry=r)
+        self.session_duration_seconds = Histogram(
+            f"{p}_session_duration_seconds", "Duration of established sessions in seconds.",
+            ["tenant", "model"], buckets=DURATION_BUCKETS, registry=r)
+        self.handshake_duration_seconds = Histogram(
+            f"{p}_handshake_duration_seconds",
+            "Time spent before the 101, by phase (auth, admission, upstream_connect, total).",
+            ["phase"], buckets=HANDSHAKE_BUCKETS, registry=r)
+        self.messages_total = Counter(
+            f"{p}_messages", "WebSocket messages relayed, by direction.", ["direction"],
+            registry=r)
+        self.message_bytes_total = Counter(
+            f"{p}_message_bytes", "Payload bytes of relayed messages, by direction.",
+            ["direction"], registry=r)
+        self.closes_total = Counter(
+            f"{p}_closes", "Session closes by initiator (client, upstream, gateway) and the "
+            "close code the client was sent or sent.", ["initiator", "code"], registry=r)
+        self.tokens_total = Counter(
+            f"{p}_tokens", "Tokens reported by upstream usage events, by kind.",
+            ["tenant", "model", "kind"], registry=r)
+        self.upstream_connect_errors_total = Counter(
+            f"{p}_upstream_connect_errors", "Failed upstream dials, by reason.",
+            ["upstream", "reason"], registry=r)
+        self.limiter_errors_total = Counter(
+            f"{p}_limiter_errors", "Limiter storage errors, by operation.", ["operation"],
+            registry=r)
+        self.jwks_refreshes_total = Counter(
+            f"{p}_jwks_refreshes", "JWKS fetches, by result (success, failure).",
+            ["tenant", "result"], registry=r)
+        self.draining = Gauge(f"{p}_draining", "1 while this replica drains.", registry=r)
+        self.build_info = Gauge(f"{p}_build_info", "Build information.", ["version"],
+                                registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.tenant_max_sessions = Gauge(
+            f"{p}_tenant_max_sessions", "Configured concurrent-session cap of each tenant.",
+            ["tenant"], registry=r)
+        self.messages_client_to_upstream = self.messages_total.labels(CLIENT_TO_UPSTREAM)
+        self.messages_upstream_to_client = self.messages_total.labels(UPSTREAM_TO_CLIENT)
+        self.bytes_client_to_upstream = self.message_bytes_total.labels(CLIENT_TO_UPSTREAM)
+        self.bytes_upstream_to_client = self.message_bytes_total.labels(UPSTREAM_TO_CLIENT)
+
+    def render(self) -> bytes:
+        """The text exposition format (``text/plain; version=0.0.4``) of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,153 @@
+"""Running the gateway under uvicorn, with a drain on SIGTERM (CONTRACT §2 ``drain_seconds``).
+
+uvicorn alone closes every WebSocket at once on SIGTERM and exits 143.  The
+gateway instead, on the first SIGTERM or SIGINT:
+
+1. stops admitting at once: ``/readyz`` answers 503, new upgrades get 503 ``unavailable``;
+2. lets live sessions run until they end or ``drain_seconds`` pass;
+3. ends the rest with an ``error`` event (``shutting_down``) and close 1012;
+4. shuts uvicorn down and exits 0.
+
+A second signal skips the wait (step 3 at once).  The metrics server keeps
+answering until the main server is done, so the last scrape sees the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Generator
+from dataclasses import dataclass
+from types import FrameType
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from gateway.app import Gateway, create_app, create_metrics_app
+from gateway.config import Config
+from gateway.errors import SHUTTING_DOWN
+from gateway.logs import get_logger
+
+log = get_logger(__name__)
+
+CLOSE_GRACE_SECONDS = 10.0
+"""After the 1012 closes are sent, how long to wait for the sessions to finish closing."""
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal drains :class:`Gateway` instead of closing."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.drain_seconds = drain_seconds
+        self._signals = 0
+        self._cut_short = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Signal handler: the first signal requests a drain, the second cuts it short.
+
+        Signals are not re-raised after shutdown, so a drained gateway exits 0.
+        """
+        self._signals += 1
+        if self._signals >= 3 and sig == signal.SIGINT:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._signals and self._drain_task is None:
+            self._drain_task = asyncio.create_task(self.drain())
+        if self._signals >= 2 and not self._cut_short:
+            self._cut_short = True
+            self.gateway.end_all(SHUTTING_DOWN)
+        return await super().on_tick(counter)
+
+    async def drain(self) -> None:
+        """Stop admitting, wait up to ``drain_seconds`` for sessions to end, close the rest
+        with 1012, then let uvicorn shut down."""
+        gw = self.gateway
+        gw.start_drain()
+        if not await gw.wait_idle(self.drain_seconds):
+            log.info("gateway.drain_timeout", live_sessions=len(gw.sessions))
+            gw.end_all(SHUTTING_DOWN)
+            await gw.wait_idle(CLOSE_GRACE_SECONDS)
+        log.info("gateway.drained", live_sessions=len(gw.sessions))
+        self.should_exit = True
+
+
+class SidecarServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to the main server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Where the servers listen; ports may be 0 (any free port)."""
+
+    host: str
+    port: int
+    metrics_port: int
+
+
+def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicorn.Config:
+    """uvicorn settings for the main port: websockets Sans-I/O, no per-message deflate,
+    the client message cap, keepalive pings, our logging (uvicorn configures none)."""
+    server = config.server
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=server.max_message_bytes,
+        ws_ping_interval=server.ping_interval_seconds,
+        ws_ping_timeout=server.ping_timeout_seconds,
+        ws_per_message_deflate=False,
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        ssl_certfile=str(server.tls_cert_file) if server.tls_cert_file else None,
+        ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
+        timeout_graceful_shutdown=int(CLOSE_GRACE_SECONDS),
+    )
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    """The TCP port ``server`` listens on (useful when it was started on port 0)."""
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return port
+
+
+async def serve(config: Config, listeners: Listeners) -> None:
+    """Run the gateway and its metrics server until drained (see the module docstring)."""
+    app = create_app(config)
+    gateway: Gateway = app.state.gateway
+    main = DrainingServer(uvicorn_config(app, config, listeners.host, listeners.port), gateway,
+                          config.server.drain_seconds)
+    metrics = SidecarServer(uvicorn.Config(
+        create_metrics_app(gateway.metrics), host=listeners.host, port=listeners.metrics_port,
+        lifespan="off", log_config=None, access_log=False, server_header=False))
+    metrics_task = asyncio.create_task(metrics.serve())
+    main_task = asyncio.create_task(main.serve())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not (main.started and metrics.started) and loop.time() < deadline:
+        if main_task.done() or metrics_task.done():
+            break
+        await asyncio.sleep(0.05)
+    if main.started and metrics.started:
+        log.info("gateway.listening", host=listeners.host, port=bound_port(main),
+                 metrics_port=bound_port(metrics),
+                 tls=config.server.tls_cert_file is not None)
+    try:
+        await main_task
+    finally:
+        metrics.should_exit = True
+        await metrics_task
+    if not main.started:
+        raise SystemExit(1)

@@ -1,0 +1,126 @@
+"""Dialling the upstream Realtime endpoint with the gateway's own key (CONTRACT §4).
+
+See also ``notes/protocol.md`` §5.
+
+* OpenAI: ``<url>?model=<model>``, ``Authorization: Bearer <key>``.
+* Azure OpenAI GA: ``<url>?model=<deployment>`` on ``/openai/v1/realtime``,
+  ``api-key: <key>``; no ``api-version`` (the GA path takes none).
+
+No subprotocol is offered upstream and no client header is forwarded except
+``User-Agent`` and ``OpenAI-Beta`` (so a beta client gets OpenAI's own explicit
+error).  Query parameters ``call_id`` and ``intent`` pass through; credential
+parameters never do (only those two names are forwarded).
+
+The dial happens before the client's upgrade is answered, so a refusal still
+becomes an HTTP status (502/504) or, for browser clients, close 4502/4504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from gateway import __version__
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamFailed, UpstreamTimeout
+
+PASSTHROUGH_PARAMS = ("call_id", "intent")
+DEFAULT_USER_AGENT = f"realtime-gateway/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Everything needed to dial one session's upstream.
+
+    ``model`` is the upstream model (OpenAI) or deployment (Azure) name;
+    ``params`` the pass-through query parameters; ``user_agent`` and
+    ``openai_beta`` the client's header values (``None`` when absent).
+    """
+
+    name: str
+    config: UpstreamConfig
+    model: str
+    params: tuple[tuple[str, str], ...] = ()
+    user_agent: str | None = None
+    openai_beta: str | None = None
+
+    def url(self) -> str:
+        """The upstream URL with its query: ``model`` first, then pass-through parameters."""
+        query = [("model", self.model)]
+        query.extend((k, v) for k, v in self.params if k in PASSTHROUGH_PARAMS)
+        return f"{self.config.url}?{urlencode(query)}"
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Request headers other than ``User-Agent``: the gateway's credential and
+        ``OpenAI-Beta`` if the client sent one."""
+        if self.config.provider == "azure":
+            headers = [("api-key", self.config.api_key)]
+        else:
+            headers = [("Authorization", f"Bearer {self.config.api_key}")]
+        if self.openai_beta is not None:
+            headers.append(("OpenAI-Beta", self.openai_beta))
+        return headers
+
+
+def failure_reason(status: int) -> str:
+    """The ``upstream_connect_errors_total{reason}`` label for an HTTP status instead of 101."""
+    if status in (401, 403, 429):
+        return f"status_{status}"
+    if 500 <= status <= 599:
+        return "status_5xx"
+    return "status_4xx"
+
+
+async def dial(
+    target: UpstreamTarget,
+    *,
+    connect_timeout: float,
+    max_message_bytes: int,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    subprotocols: Sequence[str] = (),
+) -> ClientConnection:
+    """Open the upstream WebSocket (RFC 6455) for one session.
+
+    Args:
+        connect_timeout: seconds for TCP + TLS + the opening handshake together.
+        max_message_bytes: the largest upstream message accepted (bytes); larger → 1009.
+        ping_interval, ping_timeout: keepalive, seconds; ``None`` disables.
+        subprotocols: offered upstream; empty means no ``Sec-WebSocket-Protocol`` header.
+
+    Raises:
+        UpstreamTimeout: the dial took longer than ``connect_timeout`` (504; reason ``timeout``).
+        UpstreamFailed: refused TCP (reason ``connect``), a status other than 101
+            (``status_401`` … ``status_5xx``) or an invalid handshake (``protocol``) (502).
+    """
+    try:
+        return await connect(
+            target.url(),
+            additional_headers=target.headers(),
+            user_agent_header=target.user_agent or DEFAULT_USER_AGENT,
+            subprotocols=[Subprotocol(p) for p in subprotocols] or None,
+            compression=None,
+            open_timeout=connect_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=5,
+            max_size=max_message_bytes,
+            max_queue=16,
+        )
+    except TimeoutError:
+        raise UpstreamTimeout("the upstream did not answer in time", reason="timeout") from None
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        raise UpstreamFailed(f"the upstream refused the session (HTTP {status})",
+                             reason=failure_reason(status)) from None
+    except InvalidHandshake:
+        raise UpstreamFailed("the upstream failed the WebSocket handshake",
+                             reason="protocol") from None
+    except (OSError, asyncio.IncompleteReadError, EOFError):
+        raise UpstreamFailed("the upstream could not be reached", reason="connect") from None
