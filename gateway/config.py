@@ -269,6 +269,12 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
             errors.append((f"upstreams.{name}.api_key_env",
                            f"environment variable {upstream.api_key_env} is not set"))
         object.__setattr__(upstream, "_api_key", key)  # private attr on a frozen model
+    introspecting = [i for i, t in enumerate(config.tenants) if t.auth.introspection is not None]
+    for index in introspecting[1:]:
+        errors.append((f"tenants.{index}.auth.introspection",
+                       f"only one tenant may use introspection (also tenants.{introspecting[0]}): "
+                       "an opaque token names no issuer, so it would be sent to every "
+                       "tenant's introspection endpoint"))
     seen_issuers: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
     for index, tenant in enumerate(config.tenants):

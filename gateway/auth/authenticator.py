@@ -1,0 +1,220 @@
+"""The entry point of bearer-token authentication (RFC 6750) for the session pipeline.
+
+:meth:`Authenticator.authenticate` takes the bearer token found by
+:mod:`gateway.credentials` and returns the :class:`Principal` (tenant, subject, expiry):
+
+* a JWT (three base64url segments whose first two decode to JSON objects) selects its
+  tenant by its unverified ``iss``, exactly (an unknown issuer is refused), and is then
+  fully validated against that tenant's JWKS (:mod:`gateway.auth.jwt`); a JWT whose
+  tenant uses introspection is introspected;
+* any other token goes to the tenants that configure RFC 7662 introspection, in
+  configuration order; the first ``active`` answer whose ``iss`` (if present) matches the
+  tenant wins (:mod:`gateway.auth.introspection`);
+* a token with less than :data:`MIN_REMAINING_SECONDS` left before ``exp`` is refused: the
+  session would be closed at once.
+
+Key sets of JWKS, discovery and development-issuer tenants are fetched by :meth:`start`
+(before the gateway reports ready) and kept fresh by :class:`gateway.auth.jwks.JwksCache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.auth.dev_issuer import DevIssuer
+from gateway.auth.introspection import Introspector
+from gateway.auth.jwks import FETCH_TIMEOUT_SECONDS, JwksCache, build_source, require_secure_url
+from gateway.auth.jwt import (
+    MAX_TOKEN_BYTES,
+    MSG_EXPIRED,
+    MSG_INVALID,
+    JwtValidator,
+    UnverifiedJwt,
+    looks_like_jwt,
+    parse_unverified,
+)
+from gateway.config import Config, ConfigError, TenantConfig
+from gateway.errors import InvalidToken, Unavailable
+
+MIN_REMAINING_SECONDS = 1.0
+"""A token must have at least this long (seconds) left before its raw ``exp`` to open a
+session (sessions close at ``exp``): a token inside ``leeway_seconds`` after ``exp`` passes
+the claim check but is refused here."""
+
+# RFC 6750 §2.1 b64token.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a validated bearer token speaks for.
+
+    ``expires_at`` is the token's ``exp`` in epoch seconds; ``None`` only when an
+    introspection answer carried no ``exp``.
+    """
+
+    tenant: TenantConfig
+    subject: str
+    expires_at: float | None
+
+
+def _no_refresh_callback(tenant_id: str, result: str) -> None:
+    return None
+
+
+class Authenticator:
+    """Validates bearer tokens for every tenant of ``config``.
+
+    ``on_jwks_refresh(tenant_id, result)`` is called after each key-set fetch with
+    ``"success"`` or ``"failure"`` (for ``jwks_refreshes_total``).  ``clock`` returns epoch
+    seconds.  Raises :class:`gateway.config.ConfigError` when a ``jwks_uri``,
+    ``discovery_url`` or introspection ``url`` is neither https nor http to a loopback host.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_jwks_refresh: Callable[[str, str], None] = _no_refresh_callback,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        errors: list[tuple[str, str]] = []
+        for index, tenant in enumerate(config.tenants):
+            auth = tenant.auth
+            urls = {
+                "jwks_uri": auth.jwks_uri,
+                "discovery_url": auth.discovery_url,
+                "introspection.url": auth.introspection.url if auth.introspection else None,
+            }
+            for key, url in urls.items():
+                if url is None:
+                    continue
+                try:
+                    require_secure_url(url)
+                except ValueError as exc:
+                    errors.append((f"tenants.{index}.auth.{key}", str(exc)))
+        if errors:
+            raise ConfigError(errors)
+
+        self._config = config
+        self._clock = clock
+        self._http = httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False)
+        self._caches: dict[str, JwksCache] = {}
+        self._validators: dict[str, JwtValidator] = {}
+        self._introspectors: dict[str, Introspector] = {}
+        self._dev_issuers: dict[str, DevIssuer] = {}
+        for tenant in config.tenants:
+            auth = tenant.auth
+            if auth.introspection is not None:
+                self._introspectors[tenant.id] = Introspector(tenant, clock=clock)
+                continue
+            dev_issuer = None
+            if auth.dev_issuer is not None:
+                dev_issuer = DevIssuer(auth.dev_issuer.key_file, clock=clock)
+                self._dev_issuers[tenant.id] = dev_issuer
+            source = build_source(
+                jwks_uri=auth.jwks_uri,
+                discovery_url=auth.discovery_url,
+                issuer=auth.issuer,
+                get_jwks=dev_issuer.public_jwks if dev_issuer is not None else None,
+                client=self._http,
+            )
+            cache = JwksCache(tenant.id, source, algorithms=auth.algorithms,
+                              on_refresh=on_jwks_refresh, clock=clock)
+            self._caches[tenant.id] = cache
+            self._validators[tenant.id] = JwtValidator(auth, cache, clock=clock)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fetch every tenant's key set, concurrently; then keep them fresh.  Never raises:
+        failures are logged, counted, retried with backoff and visible in :meth:`ready`."""
+        await asyncio.gather(*(cache.start() for cache in self._caches.values()))
+
+    def ready(self) -> bool:
+        """``True`` when every JWKS, discovery and development-issuer tenant holds usable keys.
+
+        Introspection tenants are always ready (their endpoint is asked per token).
+        """
+        return all(cache.ready() for cache in self._caches.values())
+
+    def key_set_ages(self) -> dict[str, float | None]:
+        """Seconds since each key-set tenant's last successful fetch (``None``: never)."""
+        return {tenant_id: cache.age_seconds() for tenant_id, cache in self._caches.items()}
+
+    def dev_issuer(self, tenant_id: str) -> DevIssuer | None:
+        """The development issuer of tenant ``tenant_id``, if it configures one."""
+        return self._dev_issuers.get(tenant_id)
+
+    async def aclose(self) -> None:
+        """Stop background refreshes and close HTTP clients."""
+        for cache in self._caches.values():
+            await cache.aclose()
+        for introspector in self._introspectors.values():
+            await introspector.aclose()
+        await self._http.aclose()
+
+    # -- authentication --------------------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> Principal:
+        """Validate a bearer token and return its :class:`Principal`.
+
+        Raises :class:`gateway.errors.InvalidToken` (malformed, bad signature, wrong
+        ``iss``/``aud``, expired, unknown issuer, inactive), :class:`InsufficientScope`,
+        or :class:`gateway.errors.Unavailable` (no keys held for the issuer, or the
+        introspection endpoint failed).
+        """
+        if not token or len(token) > MAX_TOKEN_BYTES or _B64TOKEN.fullmatch(token) is None:
+            raise InvalidToken(MSG_INVALID)
+        unverified = None
+        if looks_like_jwt(token):
+            try:
+                unverified = parse_unverified(token)
+            except InvalidToken:
+                if not self._introspectors:
+                    raise
+                # Three dot-separated segments that are not JOSE: an opaque token.
+        if unverified is not None:
+            principal = await self._authenticate_jwt(token, unverified)
+        else:
+            principal = await self._introspect(token, list(self._introspectors.values()))
+        if (principal.expires_at is not None
+                and principal.expires_at - self._clock() < MIN_REMAINING_SECONDS):
+            raise InvalidToken(MSG_EXPIRED)
+        return principal
+
+    async def _authenticate_jwt(self, token: str, unverified: UnverifiedJwt) -> Principal:
+        issuer = unverified.issuer
+        tenant = self._config.tenant_by_issuer(issuer) if issuer is not None else None
+        if tenant is None:
+            raise InvalidToken(MSG_INVALID)
+        validator = self._validators.get(tenant.id)
+        if validator is None:  # a JWT-shaped token of an introspection tenant
+            return await self._introspect(token, [self._introspectors[tenant.id]])
+        verified = await validator.validate(token, unverified)
+        return Principal(tenant=tenant, subject=verified.subject, expires_at=verified.expires_at)
+
+    async def _introspect(self, token: str, introspectors: list[Introspector]) -> Principal:
+        failure: Unavailable | None = None
+        for introspector in introspectors:
+            try:
+                answer = await introspector.introspect(token)
+            except Unavailable as exc:
+                failure = exc
+                continue
+            if introspector.matches_issuer(answer):
+                subject, expires_at = introspector.principal_claims(answer)
+                return Principal(tenant=introspector.tenant, subject=subject,
+                                 expires_at=expires_at)
+        if failure is not None:
+            raise failure
+        raise InvalidToken(MSG_INVALID)
+
+
+__all__ = ["MIN_REMAINING_SECONDS", "Authenticator", "Principal"]
