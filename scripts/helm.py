@@ -61,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                            namespace=args.namespace)
         threshold = 2 if args.strict else 3
         failed = bool(report.get("errors"))
+        shown: set[str] = set()
         for message in report.get("messages") or []:
             severity = int(message.get("severity", 0))
-            print(f"{SEVERITY.get(severity, severity)} {message.get('path', '')} "
-                  f"{message.get('error', '')}")
+            error = str(message.get("error", ""))
+            print(f"{SEVERITY.get(severity, severity)} {message.get('path', '')} {error}")
+            shown.add(error)
             failed = failed or severity >= threshold
         for error in report.get("errors") or []:
-            print(f"ERROR {error}")
+            if str(error) not in shown:  # the summary repeats most messages
+                print(f"ERROR {error}")
         return 1 if failed else 0
 
     try:
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     for path in sorted(rendered):
-        text = rendered[path].strip()
+        text = rendered[path].strip().removeprefix("---").strip()
         if text and not path.endswith("NOTES.txt"):
             print(f"---\n# Source: {path}\n{text}")
     return 0
