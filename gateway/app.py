@@ -62,6 +62,9 @@ class Gateway:
         for tenant in config.tenants:
             if tenant.limits.max_sessions is not None:
                 metrics.tenant_max_sessions.labels(tenant.id).set(tenant.limits.max_sessions)
+            if tenant.limits.tokens_per_minute is not None:
+                metrics.tenant_tokens_per_minute.labels(tenant.id).set(
+                    tenant.limits.tokens_per_minute)
 
     def check_capacity(self) -> None:
         """Refuse new sessions while draining or when ``server.max_sessions`` sessions

@@ -34,8 +34,12 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 
 
 class Metrics:
-    """Every metric of CONTRACT §6, plus ``tenant_max_sessions{tenant}`` (the configured cap,
-    for the "near the tenant cap" alert) and the standard process/platform collectors.
+    """Every metric of CONTRACT §6, plus ``tenant_max_sessions{tenant}`` and
+    ``tenant_tokens_per_minute{tenant}`` (configured limits, for the "near the tenant cap" and
+    "token budget" alerts) and the standard process/platform collectors.
+
+    ``handshake_duration_seconds{phase="upstream_connect"}`` is observed on every dial,
+    failed or not (its count is the error-ratio denominator); ``phase="total"`` once per 101.
 
     Attribute names follow the metric names without the ``realtime_gateway_`` prefix.
     """
@@ -90,6 +94,9 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         self.tenant_max_sessions = Gauge(
             f"{p}_tenant_max_sessions", "Configured concurrent-session cap of each tenant.",
+            ["tenant"], registry=r)
+        self.tenant_tokens_per_minute = Gauge(
+            f"{p}_tenant_tokens_per_minute", "Configured token budget of each tenant.",
             ["tenant"], registry=r)
         self.messages_client_to_upstream = self.messages_total.labels(CLIENT_TO_UPSTREAM)
         self.messages_upstream_to_client = self.messages_total.labels(UPSTREAM_TO_CLIENT)

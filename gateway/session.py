@@ -198,6 +198,7 @@ async def _admit_and_dial(gw: Gateway, request: HandshakeRequest, principal: Pri
             ping_timeout=gw.config.server.ping_timeout_seconds,
         )
     except GatewayError as exc:
+        phase("upstream_connect", time.perf_counter() - started)
         gw.metrics.upstream_connect_errors_total.labels(route.upstream, exc.reason).inc()
         await gw.release(lease)
         raise

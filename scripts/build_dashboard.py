@@ -158,7 +158,7 @@ def panel_specs() -> tuple[RowSpec, ...]:
             PanelSpec(
                 "Serving replicas",
                 "short",
-                (_q(f"count({sel('draining', BASE)} == 0)", "serving"),),
+                (_q(f"count({sel('draining', BASE)} == 0) or vector(0)", "serving"),),
                 "Replicas scraped and not draining.",
                 kind="stat",
                 width=4,
@@ -420,7 +420,7 @@ def panel_specs() -> tuple[RowSpec, ...]:
                 "short",
                 (
                     _q(f"sum({sel('draining', BASE)})", "draining"),
-                    _q(f"count({sel('draining', BASE)} == 0)", "serving"),
+                    _q(f"count({sel('draining', BASE)} == 0) or vector(0)", "serving"),
                 ),
                 "Replicas draining (SIGTERM received) and replicas serving.",
                 width=8,
