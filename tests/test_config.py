@@ -108,7 +108,7 @@ def test_refused_with_key_path(data: dict[str, Any], environ: dict[str, str],
 def test_dev_issuer_only_on_loopback() -> None:
     data = mutate("tenants.0.auth.jwks_uri", DELETE)
     data["tenants"][0]["auth"]["dev_issuer"] = {"key_file": "dev.json"}
-    with pytest.raises(ConfigError, match="tenants.0.auth.dev_issuer: .*loopback"):
+    with pytest.raises(ConfigError, match=r"tenants\.0\.auth\.dev_issuer: .*loopback"):
         parse_config(data, ENV)
     data["server"]["host"] = "127.0.0.1"
     config = parse_config(data, ENV, base_dir=Path("/etc/gw"))
