@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth.authenticator import Authenticator
@@ -162,8 +162,11 @@ def build_gateway(config: Config, metrics: Metrics | None = None) -> Gateway:
     return Gateway(config, metrics, authenticator, limiter)
 
 
-def create_app(config: Config, gateway: Gateway | None = None) -> Starlette:
+def create_app(config: Config, gateway: Gateway | None = None,
+               extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
     """The gateway's ASGI app on the main port; ``app.state.gateway`` is its :class:`Gateway`.
+
+    ``extra_routes`` are added after the gateway's own (``dev`` mounts its demo page there).
 
     The lifespan fetches every tenant's keys before the app serves (``/readyz`` stays
     503 until they are loaded) and closes the authenticator and limiter at shutdown.
@@ -180,6 +183,7 @@ def create_app(config: Config, gateway: Gateway | None = None) -> Starlette:
     routes: list[Any] = [Route("/healthz", healthz), Route("/readyz", readyz)]
     endpoint = RealtimeEndpoint(gw)
     routes += [WebSocketRoute(path, endpoint) for path in REALTIME_PATHS]
+    routes += list(extra_routes)
     for tenant in config.tenants:
         if tenant.auth.dev_issuer is not None:
             routes.append(Route(f"/_dev/{tenant.id}/jwks.json",

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
 from gateway.app import Gateway, create_app, create_metrics_app
@@ -123,9 +124,13 @@ def bound_port(server: uvicorn.Server) -> int:
     return port
 
 
-async def serve(config: Config, listeners: Listeners) -> None:
-    """Run the gateway and its metrics server until drained (see the module docstring)."""
-    app = create_app(config)
+async def serve(config: Config, listeners: Listeners,
+                extra_routes: Sequence[BaseRoute] = ()) -> None:
+    """Run the gateway and its metrics server until drained (see the module docstring).
+
+    ``extra_routes`` go to the main app (see :func:`gateway.app.create_app`).
+    """
+    app = create_app(config, extra_routes=extra_routes)
     gateway: Gateway = app.state.gateway
     main = DrainingServer(uvicorn_config(app, config, listeners.host, listeners.port), gateway,
                           config.server.drain_seconds)
