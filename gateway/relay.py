@@ -16,9 +16,11 @@ Rules (CONTRACT §5):
   client verbatim (code and reason); an upstream that vanished without one
   becomes ``error`` + 1011; a client that goes away gets its upstream closed
   1001; a gateway decision (:meth:`Relay.end`) sends ``error`` + its code;
-* per-frame work is a type check, a counter update and, for upstream text
-  frames, two substring searches (:func:`gateway.usage.tap`) — no JSON parse,
-  no log, no metric call.  Counters are published by the session.
+* per-frame work is a type check, a counter update and one or two substring
+  searches — ``"session.update"`` in client text frames (only those are parsed,
+  by the session's ``guard``, for model pinning) and :func:`gateway.usage.tap`
+  on upstream text frames — no other JSON parse, no log, no metric call.
+  Counters are published by the session.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from gateway.usage import TokenCounts, tap
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Initiator = Literal["client", "upstream", "gateway"]
+Guard = Callable[[str], str | None]
+"""Inspects a client ``session.update`` frame: ``None`` forwards it, a string is an ``error``
+event sent back to the client instead (the frame is dropped)."""
+_SESSION_UPDATE = '"session.update"'
 
 MAX_REASON_BYTES = 123
 """RFC 6455 §5.5: a control frame payload is <= 125 bytes, two of them the code."""
@@ -92,8 +98,10 @@ class Relay:
         send: Send,
         upstream: ClientConnection,
         on_usage: Callable[[TokenCounts], None],
+        guard: Guard | None = None,
     ) -> None:
         self._receive = receive
+        self._guard = guard
         self._send = send
         self._upstream = upstream
         self._on_usage = on_usage
@@ -113,12 +121,18 @@ class Relay:
     async def _client_to_upstream(self) -> None:
         receive = self._receive
         upstream_send = self._upstream.send
+        guard = self._guard
         while True:
             message = await receive()
             kind = message["type"]
             if kind == "websocket.receive":
                 text = message.get("text")
                 data: str | bytes = text if text is not None else message["bytes"]
+                if text is not None and guard is not None and _SESSION_UPDATE in text:
+                    refusal = guard(text)
+                    if refusal is not None:
+                        await self._send({"type": "websocket.send", "text": refusal})
+                        continue
                 self.client_messages += 1
                 self.client_bytes += len(data)
                 self.sending_to_upstream = True

@@ -24,6 +24,7 @@ from types import FrameType
 import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import Gateway, create_app, create_metrics_app
 from gateway.config import Config
@@ -77,6 +78,54 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a deadline for the request line and headers.
+
+    uvicorn has no request-header timeout: a client trickling its upgrade request one
+    byte a second holds a connection forever (slowloris).  The connection is closed
+    when the headers are not complete ``header_timeout`` seconds after the connection
+    opened or the request began.  Everything after the headers (auth, admission, the
+    upstream dial) has its own budget, ``server.handshake_timeout_seconds``.
+    """
+
+    header_timeout: float = 15.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        self.transport.close()
+
+
+def header_deadline_protocol(seconds: float) -> type[HeaderDeadlineProtocol]:
+    """A :class:`HeaderDeadlineProtocol` class whose deadline is ``seconds``."""
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout": seconds})
+
+
 class SidecarServer(uvicorn.Server):
     """A uvicorn server that leaves signals to the main server."""
 
@@ -107,7 +156,7 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         ws_ping_interval=server.ping_interval_seconds,
         ws_ping_timeout=server.ping_timeout_seconds,
         ws_per_message_deflate=False,
-        http="httptools",
+        http=header_deadline_protocol(server.handshake_timeout_seconds),
         lifespan="on",
         log_config=None,
         access_log=False,

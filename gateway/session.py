@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -209,6 +210,35 @@ async def _admit_and_dial(gw: Gateway, request: HandshakeRequest, principal: Pri
     return Admitted(principal, model, route, lease, upstream)
 
 
+def model_guard(admitted: Admitted) -> Callable[[str], str | None]:
+    """Model pinning for client ``session.update`` events (issue: a client must not switch
+    its session to a model the tenant may not use).
+
+    The returned guard lets a ``session.update`` through when it names no model or the
+    session's own (its client-facing name or the upstream's name for it); any other
+    ``session.model`` is refused with a ``forbidden`` ``error`` event and not forwarded,
+    and the session goes on with its model.  Unparseable frames pass: the upstream
+    answers them with its own error.
+    """
+    own = {admitted.model, admitted.route.upstream_model or admitted.model}
+    refusal = Forbidden("this model is not available to your session", reason="model_pinning")
+
+    def guard(frame: str) -> str | None:
+        try:
+            event = json.loads(frame)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("type") != "session.update":
+            return None
+        session = event.get("session")
+        model = session.get("model") if isinstance(session, dict) else None
+        if model is None or model in own:
+            return None
+        return refusal.error_event()
+
+    return guard
+
+
 async def refuse(send: Send, exc: GatewayError, request: HandshakeRequest,
                  credentials: Credentials | None) -> None:
     """Answer a refused upgrade (CONTRACT §5): an HTTP status for header clients;
@@ -378,7 +408,8 @@ async def run_session(gw: Gateway, admitted: Admitted, request: HandshakeRequest
         await gw.release(admitted.lease)
         return
     live = LiveSession(gw, admitted, admitted.lease.session_id)
-    relay = live.relay = Relay(receive, send, admitted.upstream, live.on_usage)
+    relay = live.relay = Relay(receive, send, admitted.upstream, live.on_usage,
+                               guard=model_guard(admitted))
     gw.register(live)
     gw.metrics.sessions_active.labels(*labels).inc()
     log.info("session.start", session_id=live.session_id, tenant=tenant.id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -371,3 +372,45 @@ async def test_health_and_readiness(gw: RunningGateway) -> None:
         text = (await client.get(gw.metrics_url)).text
     assert "realtime_gateway_draining 1.0" in text
     assert 'realtime_gateway_build_info{version="' in text
+
+
+async def test_session_update_naming_another_model_is_not_forwarded(
+        gw: RunningGateway, emulator: Emulator, key_file: Path) -> None:
+    async with connect(gw.url(model="alias"),
+                       additional_headers={"Authorization": f"Bearer {mint(key_file)}"}) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.update",
+                                  "session": {"type": "realtime", "model": "gpt-5-pro"}}))
+        refused = json.loads(await ws.recv())
+        assert refused["type"] == "error" and refused["error"]["code"] == "forbidden"
+        for allowed in ("alias", MODEL):  # its client-facing name and its upstream name
+            await ws.send(json.dumps({"type": "session.update",
+                                      "session": {"type": "realtime", "model": allowed}}))
+            updated = json.loads(await ws.recv())
+            assert updated["type"] == "session.updated"
+    upstream = emulator_sessions(emulator)[-1]
+    assert upstream["client_events"]["session.update"] == 2  # the refused one never arrived
+
+
+async def test_trickled_handshake_is_cut_by_the_pre_accept_deadline(
+        emulator: Emulator, key_file: Path) -> None:
+    config = gateway_config(f"{emulator.url}/v1/realtime", key_file,
+                            server={"handshake_timeout_seconds": 1})
+    request = (b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: gw\r\n"
+               b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+    async with run_gateway(config) as running:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sent = 0
+        async with asyncio.timeout(5):
+            while not reader.at_eof() and sent < len(request):
+                writer.write(request[sent:sent + 1])
+                sent += 1
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25):  # the trickle: one byte per 0.25 s
+                        await reader.read(1)
+        cut_after = loop.time() - started
+        writer.close()
+    assert sent < len(request)
+    assert 0.9 <= cut_after <= 1.6
