@@ -188,7 +188,7 @@ class Introspector:
             reason = "timed out"
         except Exception as exc:  # httpx2 transport errors, authlib errors
             reason = f"request failed: {type(exc).__name__}"
-        self._log.warning("token introspection failed", tenant=self.tenant.id, reason=reason)
+        self._log.warning("introspection.failed", tenant=self.tenant.id, reason=reason)
         raise Unavailable("the token introspection endpoint is unavailable; retry later",
                           retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS)
 

@@ -485,7 +485,7 @@ class JwksCache:
             ttl = self._ttl(document.max_age)
             self._due = now + ttl
             self._due_monotonic = asyncio.get_running_loop().time() + ttl
-            self._log.info("jwks refreshed", tenant=self.tenant_id, keys=len(index),
+            self._log.info("jwks.refreshed", tenant=self.tenant_id, keys=len(index),
                            skipped=skipped)
             self._report("success")
             return True
@@ -504,7 +504,7 @@ class JwksCache:
         self._due = now + delay
         self._due_monotonic = asyncio.get_running_loop().time() + delay
         self._log.warning(
-            "jwks fetch failed",
+            "jwks.refresh_failed",
             tenant=self.tenant_id,
             reason=reason,
             consecutive_failures=self._failures,
@@ -516,7 +516,7 @@ class JwksCache:
         try:
             self._on_refresh(self.tenant_id, result)
         except Exception:
-            self._log.exception("jwks on_refresh callback failed", tenant=self.tenant_id)
+            self._log.exception("jwks.callback_failed", tenant=self.tenant_id)
 
     def _refresh_in_background(self) -> None:
         if self._flight is not None or self._closed:
@@ -552,11 +552,11 @@ class JwksCache:
             return key
         if self._flight is None:
             if now - self._last_on_demand < self._cooldown:
-                self._log.info("unknown kid; refresh in cooldown", tenant=self.tenant_id,
+                self._log.info("jwks.kid_unknown_cooldown", tenant=self.tenant_id,
                           kid_hash=kid_hash(kid))
                 return None
             self._last_on_demand = now
-            self._log.info("unknown kid; refreshing keys", tenant=self.tenant_id,
+            self._log.info("jwks.kid_unknown_refresh", tenant=self.tenant_id,
                            kid_hash=kid_hash(kid))
         await self.refresh()
         index = self._usable()

@@ -21,7 +21,6 @@ here, and every lease is released to the fallback too.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Literal
 
@@ -31,8 +30,9 @@ from gateway.limits import policy
 from gateway.limits.base import Balance, Lease, Limiter, LimiterUnavailable
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.redis import RedisLimiter
+from gateway.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 UNAVAILABLE_RETRY_AFTER_SECONDS = 5.0
 """``Retry-After`` of the 503 sent under ``fail_mode: closed`` while the limiter is down."""
@@ -113,8 +113,8 @@ class FailoverLimiter:
                     retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS,
                 ) from None
             await self._fallback.admit(lease, local)
-            log.warning("admitted by the local fallback limiter: the shared limiter is down",
-                        extra={"tenant": lease.tenant})
+            log.warning("limiter.fallback_admit", tenant=lease.tenant,
+                        session_id=lease.session_id)
             return
         # Mirror the lease locally (renew never refuses) for a later outage.
         await self._fallback.renew(lease, local)
@@ -179,11 +179,11 @@ class FailoverLimiter:
             await self._fallback.aclose()
 
     def _report(self, operation: str) -> None:
-        log.warning("shared limiter unavailable", extra={"operation": operation})
+        log.warning("limiter.unavailable", operation=operation)
         try:
             self._on_error(operation)
         except Exception:  # a metrics callback must never break admission
-            log.exception("limiter on_error callback failed")
+            log.exception("limiter.callback_failed", operation=operation)
 
 
 def build_limiter(config: Config, on_error: Callable[[str], None]) -> Limiter:

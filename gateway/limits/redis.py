@@ -25,7 +25,6 @@ Redis error or timeout becomes :class:`~gateway.limits.base.LimiterUnavailable`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -44,8 +43,9 @@ from gateway.config import LimitsConfig, RedisConfig
 from gateway.limits import policy
 from gateway.limits.base import Balance, Lease, LimiterUnavailable
 from gateway.limits.policy import AdmissionRefused, LimitKind
+from gateway.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KEY_PREFIX = "rgw"
 DEFAULT_FAILURE_THRESHOLD = 3
@@ -267,10 +267,8 @@ class RedisLimiter:
         except (TypeError, ValueError, IndexError):
             raise LimiterUnavailable("renew", "unexpected script reply") from None
         if re_added:
-            log.warning(
-                "lease re-acquired on renewal (it had expired or Redis lost it)",
-                extra={"tenant": lease.tenant, "slots": re_added},
-            )
+            log.warning("limiter.lease_reacquired", tenant=lease.tenant, slots=re_added,
+                        session_id=lease.session_id)
         return Balance(float(balance) if balance else None)
 
     async def release(self, lease: Lease) -> None:
@@ -321,7 +319,7 @@ class RedisLimiter:
         except asyncio.CancelledError:
             raise
         except (RedisError, RedisClusterException, OSError) as exc:
-            log.debug("redis ping failed: %s", _describe(exc, self._timeout))
+            log.debug("limiter.ping_failed", reason=_describe(exc, self._timeout))
             self._breaker.record_failure()
             return False
         if ok:

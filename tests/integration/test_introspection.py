@@ -141,7 +141,7 @@ async def test_timeout_fails_closed(idp: IdpServer, clock: FakeClock) -> None:
         assert info.value.http_status == 503
         assert info.value.retry_after == 5
         assert OPAQUE not in repr(logs)
-        assert any(e["event"] == "token introspection failed" and e["reason"] == "timed out"
+        assert any(e["event"] == "introspection.failed" and e["reason"] == "timed out"
                    for e in logs)
         # Failures are not cached: the next request asks again.
         idp.modes.pop("/introspect")

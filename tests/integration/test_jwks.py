@@ -218,7 +218,7 @@ async def test_failing_endpoint_with_cold_cache_is_unavailable(
             assert presented not in info.value.message
     assert presented not in repr(logs)
     assert presented.split(".")[1] not in repr(logs)
-    failures = [entry for entry in logs if entry["event"] == "jwks fetch failed"]
+    failures = [entry for entry in logs if entry["event"] == "jwks.refresh_failed"]
     assert failures
     assert failures[0]["tenant"] == "acme"
     assert failures[0]["reason"]
