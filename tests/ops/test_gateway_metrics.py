@@ -25,7 +25,6 @@ from tests.ops.promql import (
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import (
     MODEL,
-    UPSTREAM_KEY,
     RunningGateway,
     gateway_config,
     mint,
@@ -40,17 +39,6 @@ RULES = ROOT / "charts" / "realtime-gateway" / "files" / "realtime-gateway-rules
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None
                                 or shutil.which("prometheus") is None,
                                 reason="needs promtool and prometheus (apt-get install prometheus)")
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    async with Emulator(host="127.0.0.1", port=0, api_key=UPSTREAM_KEY) as emu:
-        yield emu
-
-
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    return tmp_path / "issuer" / "key.json"
 
 
 @pytest.fixture
