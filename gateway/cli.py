@@ -149,6 +149,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
 
 async def _dev(port: int) -> None:
     from gateway.auth.dev_issuer import DevIssuer
+    from gateway.demo import demo_routes
     from gateway.emulator import Emulator
     from gateway.logs import configure_logging
     from gateway.server import Listeners, serve
@@ -170,13 +171,16 @@ async def _dev(port: int) -> None:
                         key_file=key_file)
     configure_logging("info", "console", secrets=_secrets_of(config))
     tenant = config.tenants[0]
-    token = DevIssuer(key_file).mint(
+    issuer = DevIssuer(key_file)
+    token = issuer.mint(
         issuer=tenant.auth.issuer, audience=DEV_AUDIENCE, sub="dev-user",
         scope=tenant.auth.required_scope, ttl_seconds=3600)
     base = f"ws://127.0.0.1:{port}"
     print(_dev_banner(base, token, upstream_name), flush=True)
+    print(f"Voice demo (microphone, in a browser): http://127.0.0.1:{port}/\n", flush=True)
+    demo = demo_routes(issuer, tenant, model=DEV_MODELS[0])
     try:
-        await serve(config, Listeners("127.0.0.1", port, 0))
+        await serve(config, Listeners("127.0.0.1", port, 0), extra_routes=demo)
     finally:
         if emulator is not None:
             await emulator.__aexit__(None, None, None)
