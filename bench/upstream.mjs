@@ -1,0 +1,104 @@
+// The benchmark's echo upstream: a stand-in for the Realtime API that costs next to nothing.
+//
+// Each text frame `{"type":"input_audio_buffer.append",...,"audio":"<base64>"}` is answered
+// with one `response.output_audio.delta` carrying the same base64 audio (so the reply is the
+// same size as the append); binary frames are echoed verbatim.  With --usage-every N > 0
+// ("streaming mode") every N-th append is also followed by a `response.done` carrying a
+// `usage` object (GA Realtime shape), which the gateway meters.  Every connection gets a
+// `session.created` first, like the real API.
+//
+// Usage: node upstream.mjs [--host 127.0.0.1] [--port 0] [--usage-every 0] [--max-seconds 3600]
+//                          [--exit-on-stdin-close 1]
+// Prints one JSON line {"event":"listening","port":P} on stdout, then runs until SIGTERM/SIGINT,
+// for --max-seconds at most (bounded), or (with --exit-on-stdin-close 1) until its stdin
+// closes, so it never outlives the benchmark runner that started it.
+
+import { WebSocketServer } from 'ws';
+
+function parseArgs(argv) {
+  const args = { host: '127.0.0.1', port: 0, usageEvery: 0, maxSeconds: 3600, stdinExit: 0 };
+  for (let i = 2; i < argv.length; i += 2) {
+    const [key, value] = [argv[i], argv[i + 1]];
+    if (key === '--host') args.host = value;
+    else if (key === '--port') args.port = Number(value);
+    else if (key === '--usage-every') args.usageEvery = Number(value);
+    else if (key === '--max-seconds') args.maxSeconds = Number(value);
+    else if (key === '--exit-on-stdin-close') args.stdinExit = Number(value);
+    else throw new Error(`unknown argument ${key}`);
+  }
+  return args;
+}
+
+const args = parseArgs(process.argv);
+const APPEND = Buffer.from('"input_audio_buffer.append"');
+const AUDIO_KEY = Buffer.from('"audio":"');
+const DELTA_HEAD = Buffer.from(
+  '{"type":"response.output_audio.delta","event_id":"event_bench","response_id":"resp_bench",' +
+  '"item_id":"item_bench","output_index":0,"content_index":0,"delta":"');
+const DELTA_TAIL = Buffer.from('"}');
+// 20 ms of audio is ~2 audio tokens in, ~2 out; one response.done per N appends.
+function usageEvent(appends) {
+  const audioIn = Math.max(1, Math.round(appends / 5));
+  return JSON.stringify({
+    type: 'response.done',
+    event_id: 'event_bench_done',
+    response: {
+      object: 'realtime.response', id: 'resp_bench', status: 'completed', output: [],
+      usage: {
+        total_tokens: 2 * audioIn, input_tokens: audioIn, output_tokens: audioIn,
+        input_token_details: { text_tokens: 0, audio_tokens: audioIn, image_tokens: 0,
+          cached_tokens: 0 },
+        output_token_details: { text_tokens: 0, audio_tokens: audioIn },
+      },
+    },
+  });
+}
+const USAGE = args.usageEvery > 0 ? usageEvent(args.usageEvery) : null;
+const SESSION_CREATED = JSON.stringify({
+  type: 'session.created', event_id: 'event_bench_created',
+  session: { type: 'realtime', object: 'realtime.session', id: 'sess_bench', model: 'bench' },
+});
+
+const server = new WebSocketServer({
+  host: args.host, port: args.port, perMessageDeflate: false, clientTracking: true,
+  maxPayload: 16 * 1024 * 1024, backlog: 4096,
+});
+
+server.on('connection', (ws) => {
+  let appends = 0;
+  ws.send(SESSION_CREATED);
+  ws.on('message', (data, isBinary) => {
+    if (isBinary) {
+      ws.send(data, { binary: true });
+      return;
+    }
+    if (data.indexOf(APPEND) < 0) return;
+    const start = data.indexOf(AUDIO_KEY);
+    if (start < 0) return;
+    const from = start + AUDIO_KEY.length;
+    const to = data.indexOf(0x22, from); // the closing quote; base64 never contains one
+    if (to < 0) return;
+    ws.send(Buffer.concat([DELTA_HEAD, data.subarray(from, to), DELTA_TAIL]), { binary: false });
+    appends += 1;
+    if (USAGE !== null && appends % args.usageEvery === 0) ws.send(USAGE);
+  });
+  ws.on('error', () => {});
+});
+
+function stop() {
+  for (const ws of server.clients) ws.terminate();
+  server.close(() => process.exit(0));
+  setTimeout(() => process.exit(0), 2000).unref();
+}
+
+server.on('listening', () => {
+  process.stdout.write(JSON.stringify({ event: 'listening', port: server.address().port }) + '\n');
+});
+process.on('SIGTERM', stop);
+process.on('SIGINT', stop);
+if (args.stdinExit) {
+  process.stdin.on('end', stop);
+  process.stdin.on('error', stop);
+  process.stdin.resume();
+}
+setTimeout(stop, args.maxSeconds * 1000).unref();
