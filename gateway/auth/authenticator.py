@@ -24,8 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from gateway.auth.dev_issuer import DevIssuer
 from gateway.auth.introspection import Introspector
@@ -41,6 +40,9 @@ from gateway.auth.jwt import (
 )
 from gateway.config import Config, ConfigError, TenantConfig
 from gateway.errors import InvalidToken, Unavailable
+
+if TYPE_CHECKING:  # imported when a tenant's keys come from a URL (memory at rest)
+    import httpx
 
 MIN_REMAINING_SECONDS = 1.0
 """A token must have at least this long (seconds) left before its raw ``exp`` to open a
@@ -104,7 +106,7 @@ class Authenticator:
 
         self._config = config
         self._clock = clock
-        self._http = httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False)
+        self._http: httpx.AsyncClient | None = None
         self._caches: dict[str, JwksCache] = {}
         self._validators: dict[str, JwtValidator] = {}
         self._introspectors: dict[str, Introspector] = {}
@@ -123,12 +125,21 @@ class Authenticator:
                 discovery_url=auth.discovery_url,
                 issuer=auth.issuer,
                 get_jwks=dev_issuer.public_jwks if dev_issuer is not None else None,
-                client=self._http,
+                client=self._http_client,
             )
             cache = JwksCache(tenant.id, source, algorithms=auth.algorithms,
                               on_refresh=on_jwks_refresh, clock=clock)
             self._caches[tenant.id] = cache
             self._validators[tenant.id] = JwtValidator(auth, cache, clock=clock)
+
+    def _http_client(self) -> httpx.AsyncClient:
+        """The HTTP client shared by the URL key sources, created (and httpx imported) on
+        first use."""
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, follow_redirects=False)
+        return self._http
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -158,7 +169,8 @@ class Authenticator:
             await cache.aclose()
         for introspector in self._introspectors.values():
             await introspector.aclose()
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     # -- authentication --------------------------------------------------------------------------
 

@@ -23,15 +23,17 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from gateway.auth.jwks import require_secure_url
 from gateway.auth.jwt import MSG_EXPIRED, MSG_INVALID, MSG_SCOPE, has_scope, numeric_date
 from gateway.config import TenantConfig
 from gateway.errors import InsufficientScope, InvalidToken, Unavailable
+
+if TYPE_CHECKING:  # imported when an introspection tenant first needs it (memory at rest)
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 NEGATIVE_CACHE_SECONDS = 10.0
 MAX_CACHE_ENTRIES = 10_000
@@ -84,6 +86,8 @@ class Introspector:
 
     def _get_client(self) -> AsyncOAuth2Client:
         if self._client is None:
+            from authlib.integrations.httpx_client import AsyncOAuth2Client
+
             self._client = AsyncOAuth2Client(
                 client_id=self._settings.client_id,
                 client_secret=self._settings.client_secret,

@@ -32,14 +32,16 @@ import random
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-import httpx
 import structlog
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from gateway.errors import Unavailable
+
+if TYPE_CHECKING:
+    import httpx
 
 PublicKey = RSAKey | ECKey | OKPKey
 """A public signing key usable for JWS verification (never a symmetric ``oct`` key)."""
@@ -149,6 +151,8 @@ async def fetch_json(
     Raises :class:`JwksError` (HTTP status other than 200, timeout, transport error,
     oversized or invalid body).
     """
+    import httpx
+
     try:
         async with asyncio.timeout(timeout_seconds):
             async with client.stream(
@@ -569,17 +573,20 @@ def build_source(
     discovery_url: str | None,
     issuer: str,
     get_jwks: Callable[[], Mapping[str, Any]] | None,
-    client: httpx.AsyncClient,
+    client: Callable[[], httpx.AsyncClient],
 ) -> JwksSource:
     """The :class:`JwksSource` for exactly one of ``jwks_uri``, ``discovery_url``, ``get_jwks``.
+
+    ``client()`` gives the shared HTTP client; it is called only for the URL sources
+    (so that httpx is not even imported for a gateway without one: memory at rest).
 
     Raises ``ValueError`` for a non-https URL (see :func:`require_secure_url`) or when
     none is given.
     """
     if jwks_uri is not None:
-        return UrlJwksSource(jwks_uri, client)
+        return UrlJwksSource(jwks_uri, client())
     if discovery_url is not None:
-        return DiscoveryJwksSource(discovery_url, issuer, client)
+        return DiscoveryJwksSource(discovery_url, issuer, client())
     if get_jwks is not None:
         return CallableJwksSource(get_jwks)
     raise ValueError("no key source")

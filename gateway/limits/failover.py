@@ -29,7 +29,6 @@ from gateway.errors import Unavailable
 from gateway.limits import policy
 from gateway.limits.base import Balance, Lease, Limiter, LimiterUnavailable
 from gateway.limits.memory import MemoryLimiter
-from gateway.limits.redis import RedisLimiter
 from gateway.logs import get_logger
 
 log = get_logger(__name__)
@@ -197,6 +196,8 @@ def build_limiter(config: Config, on_error: Callable[[str], None]) -> Limiter:
     """
     if config.redis is None:
         return MemoryLimiter()
+    from gateway.limits.redis import RedisLimiter
+
     redis_config = config.redis
     return FailoverLimiter(
         RedisLimiter.from_config(redis_config),
