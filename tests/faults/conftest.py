@@ -36,20 +36,12 @@ from typing import IO, Any
 
 import pytest
 import structlog
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.app import Gateway, create_app, create_metrics_app
+from gateway.app import Gateway, build_gateway, create_app
 from gateway.logs import NOISY_LOGGERS, configure_logging
-from gateway.server import bound_port, uvicorn_config
-from tests.support.gateway import (
-    UPSTREAM_KEY,
-    RunningGateway,
-    _TestServer,
-    mint,
-    wait_for,
-)
+from tests.support.gateway import UPSTREAM_KEY, RunningGateway, mint, run_gateway
 
 _JOSE_SEGMENT = re.compile(r"(?<![A-Za-z0-9+/_-])eyJ[A-Za-z0-9_-]{16,}")
 """A base64url JSON object (a JOSE header or a claims set) standing on its own."""
@@ -268,29 +260,12 @@ def tokens(key_file: Path, sweep: LeakSweep) -> Tokens:
 async def serve(sweep: LeakSweep, config: Any,
                 gateway: Gateway | None = None) -> AsyncIterator[RunningGateway]:
     """Serve ``config`` (with ``gateway`` if given, e.g. one built with a fake clock) on
-    free loopback ports, like :func:`tests.support.gateway.run_gateway`; its metrics are
-    swept at the end of the test."""
-    app = create_app(config, gateway=gateway)
-    gw: Gateway = app.state.gateway
+    free loopback ports with :func:`tests.support.gateway.run_gateway`; its metrics are
+    swept at the end of the test (even when it fails to start)."""
+    gw = gateway or build_gateway(config)
     sweep.watch(gw)
-    main = _TestServer(uvicorn_config(app, config, "127.0.0.1", 0), gw,
-                       config.server.drain_seconds)
-    metrics = _TestServer(uvicorn.Config(create_metrics_app(gw.metrics), host="127.0.0.1",
-                                         port=0, lifespan="off", log_config=None), gw, 0)
-    tasks = [asyncio.create_task(main.serve()), asyncio.create_task(metrics.serve())]
-    try:
-        await wait_for(lambda: (main.started and metrics.started)
-                       or any(t.done() for t in tasks), within=15)
-        if not (main.started and metrics.started):
-            for task in tasks:
-                if task.done():
-                    task.result()
-            raise AssertionError("the gateway did not start")
-        yield RunningGateway(gw, main, bound_port(main), bound_port(metrics))
-    finally:
-        for server in (main, metrics):
-            server.should_exit = True
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=20)
+    async with run_gateway(config, gateway=gw) as running:
+        yield running
 
 
 def metric(gw: RunningGateway | Gateway, name: str, **labels: str) -> float:

@@ -115,9 +115,14 @@ async def wait_for(predicate: Any, within: float = 5.0, interval: float = 0.02) 
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(config: Config) -> AsyncIterator[RunningGateway]:
-    """Serve ``config`` on free loopback ports until the block exits."""
-    app = create_app(config)
+async def run_gateway(config: Config,
+                      gateway: Gateway | None = None) -> AsyncIterator[RunningGateway]:
+    """Serve ``config`` on free loopback ports until the block exits.
+
+    ``gateway`` is the :class:`Gateway` to serve (e.g. one built with a fake clock, or one
+    the caller must hold before the servers start); by default one is built from ``config``.
+    """
+    app = create_app(config, gateway=gateway)
     gw: Gateway = app.state.gateway
     main = _TestServer(uvicorn_config(app, config, "127.0.0.1", 0), gw,
                        config.server.drain_seconds)
