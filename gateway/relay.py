@@ -1,55 +1,86 @@
-"""The data plane: two pumps moving frames verbatim between client and upstream.
+"""The data plane: a frame-level WebSocket relay between two transports (RFC 6455).
 
-Client side: an ASGI WebSocket (``receive``/``send`` callables, asgiref
-``websocket.*`` messages).  Upstream side: a ``websockets`` client connection.
+After the upgrade the session's two connections — the client's (taken from uvicorn,
+see :mod:`gateway.server`) and the upstream's (taken from ``websockets``, see
+:class:`gateway.upstream.HandOffConnection`) — are driven by two asyncio protocols
+of this module.  They find frame boundaries and move bytes; no task, queue, future
+or message object exists per frame.
 
 Rules (CONTRACT §5):
 
 * every message is forwarded as it came: text stays text, binary stays binary,
-  never merged, split or reordered;
-* backpressure, not buffering: each pump awaits its ``send`` (uvicorn waits for
-  the client transport to drain; websockets waits for the upstream write buffer),
-  so a slow reader slows its sender.  The client side is read only as fast as
-  upstream accepts (uvicorn pauses reading meanwhile), the upstream side holds
-  at most ``max_queue`` messages;
+  never merged, split or reordered; even the fragmentation of a message is kept;
+* **upstream → client**: server frames are unmasked on both legs, so runs of data
+  frames are written to the client exactly as read — one ``write`` per read; only
+  headers are looked at, plus a substring search in text payloads for usage events
+  (:func:`gateway.usage.tap` parses the few that match);
+* **client → upstream**: client frames are masked (§5.3); each is unmasked (the
+  ``websockets`` C speed-up), checked, and masked again with a fresh key from a
+  CSPRNG pool, so the client never chooses the bytes on the upstream wire.  Text
+  payloads are checked for UTF-8 (1007) and, if they may be a ``session.update``,
+  shown to the session's guard (model pinning);
+* RFC 6455 violations by the client (unmasked or reserved bits, reserved opcodes,
+  bad control frames or continuation sequences) close it 1002; a message over
+  ``server.max_message_bytes`` 1009;
+* backpressure, not buffering: when one side's transport buffer passes its high-water
+  mark the other side's reading is paused until it drains; the session's housekeeping
+  ends a session whose client stays blocked (``slow_consumer``);
 * the first side to end decides the close: an upstream close frame goes to the
-  client verbatim (code and reason); an upstream that vanished without one
-  becomes ``error`` + 1011; a client that goes away gets its upstream closed
-  1001; a gateway decision (:meth:`Relay.end`) sends ``error`` + its code;
-* per-frame work is a type check, a counter update and one or two substring
-  searches — ``"session.update"`` in client text frames (only those are parsed,
-  by the session's ``guard``, for model pinning) and :func:`gateway.usage.tap`
-  on upstream text frames — no other JSON parse, no log, no metric call.
-  Counters are published by the session.
+  client with its code and reason; an upstream that vanished (reset, EOF, no pong)
+  becomes ``error`` + 1011; a client that goes away gets its upstream closed 1001;
+  a gateway decision (:meth:`Relay.end`) sends ``error`` + its code.  Close frames
+  are written at once and never awaited: a peer that does not answer its closing
+  handshake within :data:`CLOSE_TIMEOUT` seconds is aborted — unless it has not even
+  read what was written to it (a slow consumer), in which case its connection lingers
+  for :data:`LINGER_SECONDS` so it can still read its ``error`` event and close frame.
+  The session itself (its lease, its upstream) ends without waiting for that;
+* keepalive pings to both sides every ``ping_interval`` seconds; a side that does not
+  answer within ``ping_timeout`` is lost.  Pings from either side are answered here.
+
+Counters are plain integers published by the session once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
+import codecs
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.speedups import apply_mask
 
 from gateway.errors import UPSTREAM_LOST, SessionEnd
+from gateway.logs import get_logger
 from gateway.usage import TokenCounts, tap
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = get_logger(__name__)
+
 Initiator = Literal["client", "upstream", "gateway"]
 Guard = Callable[[str], str | None]
-"""Inspects a client ``session.update`` frame: ``None`` forwards it, a string is an ``error``
-event sent back to the client instead (the frame is dropped)."""
-_SESSION_UPDATE = '"session.update"'
+"""Inspects a client text message that may be a ``session.update``: ``None`` forwards it,
+a string is an ``error`` event sent back to the client instead (the message is dropped)."""
 
 MAX_REASON_BYTES = 123
 """RFC 6455 §5.5: a control frame payload is <= 125 bytes, two of them the code."""
 CLIENT_GONE_CODE = 1001
-UPSTREAM_CLOSE_TIMEOUT = 2.0
-"""Seconds to wait for the upstream's close reply before dropping the connection."""
+CLOSE_TIMEOUT = 2.0
+"""Seconds to wait for a peer's closing handshake before the connection is aborted."""
+LINGER_SECONDS = 10.0
+"""Seconds a peer that has not read its last frames (write buffer not empty when the
+closing handshake timed out) is given to read them before the connection is aborted."""
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_FIN = 0x80
+_RSV = 0x70
+_MASKED = 0x80
+_GUARDED = (b"session.update", b"\\u")
+"""A client text message containing either is shown to the guard (``\\u`` because a
+JSON escape can spell ``session.update`` without those bytes)."""
+_USAGE = (b'"response.done"', b"transcription.completed")
+_CLOSE_CODES_SENT_BY_PEERS = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010,
+                                        1011, 1012, 1013, 1014))
 
 
 def clip_reason(reason: str) -> str:
@@ -60,13 +91,83 @@ def clip_reason(reason: str) -> str:
     return encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4, IANA registry)."""
+    return code in _CLOSE_CODES_SENT_BY_PEERS or 3000 <= code <= 4999
+
+
+class _MaskKeys:
+    """Masking keys (RFC 6455 §5.3: unpredictable, from a strong source of entropy),
+    read from ``os.urandom`` 4 KiB at a time."""
+
+    __slots__ = ("_pool", "_pos")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._pos = 0
+
+    def next(self) -> bytes:
+        pos = self._pos
+        if pos >= len(self._pool):
+            self._pool = os.urandom(4096)
+            pos = 0
+        self._pos = pos + 4
+        return self._pool[pos:pos + 4]
+
+
+_KEYS = _MaskKeys()
+
+
+def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
+    """One final frame (RFC 6455 §5.2), masked with a fresh key when ``mask``."""
+    n = len(payload)
+    mask_bit = _MASKED if mask else 0
+    if n < 126:
+        head = bytes((_FIN | opcode, mask_bit | n))
+    elif n < 65536:
+        head = bytes((_FIN | opcode, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((_FIN | opcode, mask_bit | 127)) + n.to_bytes(8, "big")
+    if mask:
+        key = _KEYS.next()
+        return head + key + apply_mask(payload, key)
+    return head + payload
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload: the code (none for 1005) and the clipped reason."""
+    if code == 1005:
+        return b""
+    return code.to_bytes(2, "big") + clip_reason(reason).encode()
+
+
+def _header(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
+    """``(header length including any masking key, payload length)`` of the frame at
+    ``pos``, or ``None`` while the header is incomplete."""
+    if n - pos < 2:
+        return None
+    b1 = data[pos + 1]
+    length = b1 & 0x7F
+    size = 6 if b1 & _MASKED else 2
+    if length == 126:
+        if n - pos < 4:
+            return None
+        return size + 2, (data[pos + 2] << 8) | data[pos + 3]
+    if length == 127:
+        if n - pos < 10:
+            return None
+        return size + 8, int.from_bytes(data[pos + 2:pos + 10], "big")
+    return size, length
+
+
 @dataclass(frozen=True, slots=True)
 class RelayResult:
     """How a relayed session ended.
 
     ``code`` is the close code the client sent (``initiator == "client"``; 1006 when
-    it vanished) or was sent (otherwise).  ``end`` is the gateway's or the upstream's
-    in-session cause (CONTRACT §5), ``None`` for ordinary closes.
+    it vanished, 1002/1007/1009 when it broke the protocol) or was sent (otherwise).
+    ``end`` is the gateway's or the upstream's in-session cause (CONTRACT §5), ``None``
+    for ordinary closes.
     """
 
     initiator: Initiator
@@ -75,154 +176,608 @@ class RelayResult:
     end: SessionEnd | None = None
 
 
-class _ClientClosed(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
+class _Side(asyncio.Protocol):
+    """One peer's connection: frame reassembly across reads, flow control, keepalive
+    and the closing handshake.  Subclasses interpret the frames (:meth:`consume`)."""
+
+    masked_out = False
+    """Whether frames written to this peer are masked (true towards the upstream)."""
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int) -> None:
+        self.relay = relay
+        self.transport = transport
+        self.max_message = max_message
+        self.peer: _Side
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Resolved when the connection is gone."""
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Resolved when the connection is gone or lingers (the session need not wait)."""
+        self.write_paused = False
+        self.close_sent = False
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._need = 0
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._ping_payload: bytes | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._chunks)
+            self._chunks = []
+        try:
+            rest, need = self.consume(data)
+        except Exception:  # a bug must end this session, not the process's other ones
+            log.exception("relay.internal_error", side=type(self).__name__)
+            self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "",
+                                          UPSTREAM_LOST))
+            self.relay.abort_upstream()
+            return
+        if rest:
+            self._chunks = [rest]
+            self._have = len(rest)
+            self._need = need
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        peer = self.peer.transport
+        if not peer.is_closing():
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        peer = self.peer.transport
+        if not peer.is_closing():
+            peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_timers()
+        self._chunks = []
+        self.cancel_close_timer()
+        for future in (self.closed, self.settled):
+            if not future.done():
+                future.set_result(None)
+        if self.write_paused:
+            self.resume_writing()
+        self.lost()
+
+    # -- for subclasses and the relay --------------------------------------------------------
+
+    def consume(self, data: bytes) -> tuple[bytes, int]:
+        """Handle the complete frames in ``data``; return the incomplete rest and how many
+        bytes it needs before it is worth looking at again."""
+        raise NotImplementedError
+
+    def lost(self) -> None:
+        """The connection is gone (after :meth:`connection_lost` bookkeeping)."""
+        raise NotImplementedError
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """Write one frame of the gateway's own (nothing once a close frame was sent)."""
+        if not self.close_sent and not self.transport.is_closing():
+            self.transport.write(encode_frame(opcode, payload, self.masked_out))
+
+    def _write_close(self, code: int, reason: str) -> None:
+        self.close_sent = True
+        if not self.transport.is_closing():
+            self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason),
+                                              self.masked_out))
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Start (or answer) the closing handshake; abort the connection if it is not
+        closed within :data:`CLOSE_TIMEOUT` seconds."""
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.stop_timers()
+        self._write_close(code, reason)
+        self.transport.resume_reading()  # the reply must get through even if paused
+        self._close_timer = asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT, self.close_expired)
+
+    def finish(self) -> None:
+        """Close the TCP connection after what was written (the handshake is complete);
+        see :meth:`close_expired` for when it does not drain."""
+        if self.transport.is_closing():
+            return
+        self.transport.close()
+        if self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, self.close_expired)
+
+    def close_expired(self) -> None:
+        """The closing handshake did not complete in time: linger if the peer has not read
+        what was written to it yet (once), else abort."""
+        self._close_timer = None
+        if self.closed.done():
+            return
+        if not self.settled.done() and self.transport.get_write_buffer_size():
+            self.settled.set_result(None)
+            self.transport.close()  # flushes, then closes
+            self._close_timer = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self.transport.abort)
+            return
+        self.transport.abort()
+
+    def fail(self, code: int, reason: str) -> None:
+        """RFC 6455 §7.1.7: send a close frame and drop the connection."""
+        self.stop_timers()
+        if not self.close_sent:
+            self._write_close(code, reason)
+        self.finish()
+
+    def on_ping(self, payload: bytes) -> None:
+        if not self.close_sent:
+            self.send_frame(OP_PONG, payload)
+
+    def on_pong(self, payload: bytes) -> None:
+        if self._ping_payload is not None and payload == self._ping_payload:
+            self._ping_payload = None
+            if self._pong_timer is not None:
+                self._pong_timer.cancel()
+                self._pong_timer = None
+            self.schedule_ping()
+
+    def schedule_ping(self) -> None:
+        interval = self.relay.ping_interval
+        if interval is not None and not self.close_sent:
+            self._ping_timer = asyncio.get_running_loop().call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self._ping_payload = _KEYS.next()
+        self.send_frame(OP_PING, self._ping_payload)
+        timeout = self.relay.ping_timeout
+        if timeout is None:
+            self.schedule_ping()
+        else:
+            self._pong_timer = asyncio.get_running_loop().call_later(timeout, self.ping_expired)
+
+    def ping_expired(self) -> None:
+        """No pong within ``ping_timeout``: the peer is gone."""
+        raise NotImplementedError
+
+    def stop_timers(self) -> None:
+        for timer in (self._ping_timer, self._pong_timer):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._pong_timer = None
+        self._ping_payload = None
+
+    def cancel_close_timer(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+    def parse_close(self, payload: bytes) -> tuple[int, str] | None:
+        """A close frame's code and reason; ``None`` (after failing the connection 1002 or
+        1007) when the payload is malformed."""
+        if not payload:
+            return 1005, ""
+        if len(payload) < 2:
+            self.fail(1002, "malformed close frame")
+            return None
+        code = int.from_bytes(payload[:2], "big")
+        if not valid_close_code(code):
+            self.fail(1002, "invalid close code")
+            return None
+        try:
+            reason = payload[2:].decode()
+        except UnicodeDecodeError:
+            self.fail(1007, "invalid UTF-8 in close reason")
+            return None
+        return code, reason
+
+
+class _ClientSide(_Side):
+    """The client's connection: masked frames in, unmasked frames out."""
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int,
+                 guard: Guard | None) -> None:
+        super().__init__(relay, transport, max_message)
+        self.guard = guard
+        self._fragments: list[tuple[bytes, bytes]] | None = None
+        self._fragment_opcode = 0
+        self._fragment_bytes = 0
+        self._utf8: codecs.IncrementalDecoder | None = None
+        self.failed = False
+
+    def consume(self, data: bytes) -> tuple[bytes, int]:
+        relay = self.relay
+        n = len(data)
+        pos = 0
+        out: list[bytes] = []
+        while pos < n:
+            header = _header(data, pos, n)
+            if header is None:
+                break
+            size, length = header
+            b0 = data[pos]
+            opcode = b0 & 0x0F
+            if not data[pos + 1] & _MASKED:
+                return self._violation(out, 1002, "unmasked client frame")
+            if b0 & _RSV:
+                return self._violation(out, 1002, "reserved bits set")
+            if opcode >= OP_CLOSE:
+                if opcode > OP_PONG:
+                    return self._violation(out, 1002, "reserved opcode")
+                if not b0 & _FIN or length > 125:
+                    return self._violation(out, 1002, "invalid control frame")
+            elif opcode > OP_BINARY:
+                return self._violation(out, 1002, "reserved opcode")
+            elif length + self._fragment_bytes > self.max_message:
+                return self._violation(out, 1009, "message too big")
+            end = pos + size + length
+            if end > n:
+                return self._flush(out, data[pos:], end - pos)
+            payload = apply_mask(data[pos + size:end], data[pos + size - 4:pos + size])
+            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                if self._fragments is not None:
+                    return self._violation(out, 1002, "new message inside a fragmented one")
+                if b0 & _FIN:
+                    if opcode == OP_TEXT and not self._text_passes(out, payload):
+                        if self.failed:
+                            return b"", 0
+                        pos = end
+                        continue
+                    key = _KEYS.next()
+                    out.append(data[pos:pos + size - 4])
+                    out.append(key)
+                    out.append(apply_mask(payload, key))
+                    relay.client_messages += 1
+                    relay.client_bytes += length
+                else:
+                    self._fragments = [(data[pos:pos + size - 4], payload)]
+                    self._fragment_opcode = opcode
+                    self._fragment_bytes = length
+                    if opcode == OP_TEXT:
+                        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+                        if not self._decodes(payload, final=False):
+                            return self._violation(out, 1007, "invalid UTF-8 in text message")
+            elif opcode == OP_CONT:
+                if self._fragments is None:
+                    return self._violation(out, 1002, "continuation without a message")
+                self._fragments.append((data[pos:pos + size - 4], payload))
+                self._fragment_bytes += length
+                if self._utf8 is not None and not self._decodes(payload, final=bool(b0 & _FIN)):
+                    return self._violation(out, 1007, "invalid UTF-8 in text message")
+                if b0 & _FIN:
+                    self._fragmented_message_ends(out)
+            elif opcode == OP_CLOSE:
+                self._flush(out, b"", 0)
+                self._on_close(payload)
+                return b"", 0
+            elif opcode == OP_PING:
+                self.on_ping(payload)
+            else:
+                self.on_pong(payload)
+            pos = end
+        return self._flush(out, data[pos:] if pos < n else b"", 0 if pos >= n else n - pos + 1)
+
+    def _flush(self, out: list[bytes], rest: bytes, need: int) -> tuple[bytes, int]:
+        if out:
+            if self.relay.forwarding:
+                self.relay.upstream_write(b"".join(out))
+            out.clear()
+        return rest, need
+
+    def _violation(self, out: list[bytes], code: int, reason: str) -> tuple[bytes, int]:
+        self.failed = True
+        self._flush(out, b"", 0)
+        self.fail(code, reason)
+        self.relay.decide(RelayResult("client", code, reason))
+        return b"", 0
+
+    def _decodes(self, payload: bytes, *, final: bool) -> bool:
+        assert self._utf8 is not None
+        try:
+            self._utf8.decode(payload, final)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def _text_passes(self, out: list[bytes], payload: bytes) -> bool:
+        """UTF-8 check and model pinning for one complete text message; a refusal is
+        answered here (1007 or an ``error`` event)."""
+        if not payload.isascii():
+            try:
+                payload.decode()
+            except UnicodeDecodeError:
+                self._violation(out, 1007, "invalid UTF-8 in text message")
+                return False
+        guard = self.guard
+        if guard is not None and (_GUARDED[0] in payload or _GUARDED[1] in payload):
+            refusal = guard(payload.decode())
+            if refusal is not None:
+                self.send_frame(OP_TEXT, refusal.encode())
+                return False
+        return True
+
+    def _fragmented_message_ends(self, out: list[bytes]) -> None:
+        fragments = self._fragments
+        assert fragments is not None
+        self._fragments = None
+        self._fragment_bytes = 0
+        self._utf8 = None
+        if self._fragment_opcode == OP_TEXT and not self._text_passes(
+                out, b"".join(payload for _, payload in fragments)):
+            return
+        total = 0
+        for head, payload in fragments:
+            key = _KEYS.next()
+            out.append(head)
+            out.append(key)
+            out.append(apply_mask(payload, key))
+            total += len(payload)
+        self.relay.client_messages += 1
+        self.relay.client_bytes += total
+
+    def _on_close(self, payload: bytes) -> None:
+        parsed = self.parse_close(payload)
+        if parsed is None:
+            self.relay.decide(RelayResult("client", 1002, "malformed close frame"))
+            return
+        code, reason = parsed
+        if not self.close_sent:  # the client starts the closing handshake: answer it
+            self.send_close(code, reason)
+        self.finish()
+        self.relay.decide(RelayResult("client", code, reason))
+
+    def lost(self) -> None:
+        self.relay.decide(RelayResult("client", 1006, ""))
+
+    def ping_expired(self) -> None:
+        self._pong_timer = None
+        self.fail(1011, "keepalive ping timeout")
+        self.relay.decide(RelayResult("client", 1006, "keepalive ping timeout"))
+
+
+class _UpstreamSide(_Side):
+    """The upstream's connection: unmasked frames in, masked frames out."""
+
+    masked_out = True
+
+    def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int) -> None:
+        super().__init__(relay, transport, max_message)
+        self._in_message = False
+        self._message_bytes = 0
+        self._text: list[bytes] | None = None
+
+    def consume(self, data: bytes) -> tuple[bytes, int]:
+        relay = self.relay
+        n = len(data)
+        pos = 0
+        run = 0  # start of the data frames not yet written to the client
+        while pos < n:
+            header = _header(data, pos, n)
+            if header is None:
+                break
+            size, length = header
+            b0 = data[pos]
+            opcode = b0 & 0x0F
+            if data[pos + 1] & _MASKED or b0 & _RSV or 2 < opcode < 8 or opcode > OP_PONG:
+                return self._broken(data, run, pos, 1002, "protocol error")
+            if opcode >= OP_CLOSE and (not b0 & _FIN or length > 125):
+                return self._broken(data, run, pos, 1002, "invalid control frame")
+            if opcode < OP_CLOSE and length + self._message_bytes > self.max_message:
+                return self._broken(data, run, pos, 1009, "message too big")
+            end = pos + size + length
+            if end > n:
+                self._write(data, run, pos)
+                return data[pos:], end - pos
+            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                if self._in_message:
+                    return self._broken(data, run, pos, 1002, "protocol error")
+                if b0 & _FIN:
+                    relay.upstream_messages += 1
+                    relay.upstream_bytes += length
+                    if opcode == OP_TEXT and (data.find(_USAGE[0], pos + size, end) >= 0
+                                              or data.find(_USAGE[1], pos + size, end) >= 0):
+                        usage = tap(data[pos + size:end])
+                        if usage is not None:
+                            relay.on_usage(usage)
+                else:
+                    self._in_message = True
+                    self._message_bytes = length
+                    self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
+            elif opcode == OP_CONT:
+                if not self._in_message:
+                    return self._broken(data, run, pos, 1002, "protocol error")
+                self._message_bytes += length
+                if self._text is not None:
+                    self._text.append(data[pos + size:end])
+                if b0 & _FIN:
+                    self._message_ends()
+            else:  # a control frame: not forwarded
+                self._write(data, run, pos)
+                run = end
+                payload = data[pos + size:end]
+                if opcode == OP_CLOSE:
+                    self._on_close(payload)
+                    return b"", 0
+                if opcode == OP_PING:
+                    self.on_ping(payload)
+                else:
+                    self.on_pong(payload)
+            pos = end
+        self._write(data, run, pos)
+        return (data[pos:], n - pos + 1) if pos < n else (b"", 0)
+
+    def _write(self, data: bytes, start: int, end: int) -> None:
+        if start < end and self.relay.forwarding:
+            self.relay.client_write(data if start == 0 and end == len(data) else data[start:end])
+
+    def _message_ends(self) -> None:
+        relay = self.relay
+        relay.upstream_messages += 1
+        relay.upstream_bytes += self._message_bytes
+        if self._text is not None:
+            usage = tap(b"".join(self._text))
+            if usage is not None:
+                relay.on_usage(usage)
+        self._in_message = False
+        self._message_bytes = 0
+        self._text = None
+
+    def _broken(self, data: bytes, run: int, pos: int, code: int,
+                reason: str) -> tuple[bytes, int]:
+        self._write(data, run, pos)
+        self.fail(code, reason)
+        self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
+        return b"", 0
+
+    def _on_close(self, payload: bytes) -> None:
+        parsed = self.parse_close(payload)
+        if parsed is None:
+            self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "",
+                                          UPSTREAM_LOST))
+            return
+        code, reason = parsed
+        if not self.close_sent:
+            self.send_close(code, reason)
+        self.finish()
+        if code in (1005, 1006, 1015):
+            code = 1000
+        self.relay.decide(RelayResult("upstream", code, clip_reason(reason)))
+
+    def lost(self) -> None:
+        self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
+
+    def ping_expired(self) -> None:
+        self._pong_timer = None
+        self.transport.abort()
 
 
 class Relay:
     """Relays one session until either side closes or :meth:`end` is called.
 
+    ``client`` and ``upstream`` are the two connected transports (TCP or TLS) right
+    after the upgrade; the relay becomes their protocol at once, in the constructor, and
+    :meth:`run` waits for the end.  ``upstream_buffered`` are bytes the upstream sent
+    after its 101 before the hand-off (frames, not yet read); ``upstream_lost`` says
+    the upstream connection was already lost then.
+
     Public counters (read by the session's housekeeping, never reset):
-    ``client_messages``/``client_bytes`` (client → upstream) and
-    ``upstream_messages``/``upstream_bytes`` (upstream → client).  Bytes are the
-    payload length; for text frames the character count, which equals the UTF-8
-    byte count for ASCII JSON.  ``sending_to_client``/``sending_to_upstream``
-    are true while a send is blocked on backpressure (for the send deadline).
+    ``client_messages``/``client_bytes`` (client → upstream, forwarded) and
+    ``upstream_messages``/``upstream_bytes`` (upstream → client); bytes are payload
+    bytes.  :attr:`sending_to_client`/:attr:`sending_to_upstream` are true while that
+    side's transport is over its high-water mark (for the send deadline).
+
+    Args:
+        max_client_message: bytes; a larger client message closes the client 1009.
+        max_upstream_message: bytes; a larger upstream message fails the upstream 1009
+            and the client gets ``upstream_error`` + 1011.
+        ping_interval, ping_timeout: keepalive towards both sides, seconds; ``None``
+            disables pings (or the deadline for their pongs).
     """
 
     def __init__(
         self,
-        receive: Receive,
-        send: Send,
-        upstream: ClientConnection,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
         on_usage: Callable[[TokenCounts], None],
         guard: Guard | None = None,
+        *,
+        upstream_buffered: bytes = b"",
+        upstream_lost: bool = False,
+        max_client_message: int,
+        max_upstream_message: int,
+        ping_interval: float | None,
+        ping_timeout: float | None,
     ) -> None:
-        self._receive = receive
-        self._guard = guard
-        self._send = send
-        self._upstream = upstream
-        self._on_usage = on_usage
-        self._ended: asyncio.Future[SessionEnd] = asyncio.get_running_loop().create_future()
+        self.on_usage = on_usage
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self.client_messages = 0
         self.client_bytes = 0
         self.upstream_messages = 0
         self.upstream_bytes = 0
-        self.sending_to_client = False
-        self.sending_to_upstream = False
+        self.forwarding = True
+        self._result: asyncio.Future[RelayResult] = (
+            asyncio.get_running_loop().create_future())
+        self._client = _ClientSide(self, client, max_client_message, guard)
+        self._upstream = _UpstreamSide(self, upstream, max_upstream_message)
+        self._client.peer = self._upstream
+        self._upstream.peer = self._client
+        self.client_write = client.write
+        self.upstream_write = upstream.write
+        # Take both connections over now, so that nothing is read by their previous
+        # protocols and the buffered upstream bytes come first.
+        for side in (self._client, self._upstream):
+            side.transport.set_protocol(side)
+            if not side.transport.is_closing():
+                side.transport.resume_reading()
+        if upstream_buffered:
+            self._upstream.data_received(upstream_buffered)
+        for side in (self._client, self._upstream):
+            if side.transport.is_closing() or (side is self._upstream and upstream_lost):
+                side.connection_lost(None)
+
+    @property
+    def sending_to_client(self) -> bool:
+        return self._client.write_paused
+
+    @property
+    def sending_to_upstream(self) -> bool:
+        return self._upstream.write_paused
 
     def end(self, cause: SessionEnd) -> None:
-        """Ask the relay to end the session with ``cause`` (idempotent; first cause wins)."""
-        if not self._ended.done():
-            self._ended.set_result(cause)
+        """End the session with ``cause`` (idempotent; the first decision wins): the
+        client gets its ``error`` event and close code, the upstream close 1001."""
+        self.decide(RelayResult("gateway", cause.close_code, cause.code, cause))
 
-    async def _client_to_upstream(self) -> None:
-        receive = self._receive
-        upstream_send = self._upstream.send
-        guard = self._guard
-        while True:
-            message = await receive()
-            kind = message["type"]
-            if kind == "websocket.receive":
-                text = message.get("text")
-                data: str | bytes = text if text is not None else message["bytes"]
-                if text is not None and guard is not None and _SESSION_UPDATE in text:
-                    refusal = guard(text)
-                    if refusal is not None:
-                        await self._send({"type": "websocket.send", "text": refusal})
-                        continue
-                self.client_messages += 1
-                self.client_bytes += len(data)
-                self.sending_to_upstream = True
-                await upstream_send(data)
-                self.sending_to_upstream = False
-            elif kind == "websocket.disconnect":
-                raise _ClientClosed(message.get("code", 1005), message.get("reason") or "")
+    def abort_upstream(self) -> None:
+        """Drop the upstream connection at once (after an internal error)."""
+        self._upstream.transport.abort()
 
-    async def _upstream_to_client(self) -> None:
-        recv = self._upstream.recv
-        send = self._send
-        on_usage = self._on_usage
-        try:
-            while True:
-                data = await recv()
-                self.upstream_messages += 1
-                self.upstream_bytes += len(data)
-                self.sending_to_client = True
-                if isinstance(data, str):
-                    await send({"type": "websocket.send", "text": data})
-                    self.sending_to_client = False
-                    usage = tap(data)
-                    if usage is not None:
-                        on_usage(usage)
-                else:
-                    await send({"type": "websocket.send", "bytes": data})
-                    self.sending_to_client = False
-        except OSError:  # uvicorn's ClientDisconnected: the client went away mid-send
-            raise _ClientClosed(1006, "") from None
+    def decide(self, result: RelayResult) -> None:
+        """Record how the session ends (first call wins) and close what is still open."""
+        if self._result.done():
+            return
+        self._result.set_result(result)
+        self.forwarding = False
+        client, upstream = self._client, self._upstream
+        if result.initiator == "client":
+            upstream.send_close(CLIENT_GONE_CODE, "client went away")
+            return
+        # The upstream closed or failed (it closes itself), or the gateway decided.
+        if result.end is None:
+            client.send_close(result.code, result.reason)
+        else:
+            client.send_frame(OP_TEXT, result.end.error_event().encode())
+            client.send_close(result.end.close_code, result.end.code)
+        if result.initiator == "gateway":
+            upstream.send_close(CLIENT_GONE_CODE, "session ended by the gateway")
 
     async def run(self) -> RelayResult:
-        """Relay until the session ends; close both sides; return how it ended.
-
-        Never raises for peer behaviour (closes, resets, protocol errors); a
-        cancelled :meth:`run` aborts the upstream connection before re-raising.
-        """
-        pumps = (asyncio.create_task(self._client_to_upstream()),
-                 asyncio.create_task(self._upstream_to_client()))
+        """Relay until the session ends and both connections are closed; return how it
+        ended.  Never raises for peer behaviour; a cancelled :meth:`run` aborts both
+        connections before re-raising."""
+        client, upstream = self._client, self._upstream
         try:
-            await asyncio.wait((*pumps, self._ended), return_when=asyncio.FIRST_COMPLETED)
+            client.schedule_ping()
+            upstream.schedule_ping()
+            result = await self._result
+            await asyncio.wait((client.settled, upstream.settled), timeout=CLOSE_TIMEOUT * 2)
         except asyncio.CancelledError:
-            self._upstream.transport.abort()
+            client.transport.abort()
+            upstream.transport.abort()
             raise
         finally:
-            for pump in pumps:
-                pump.cancel()
-            results = await asyncio.gather(*pumps, return_exceptions=True)
-        if self._ended.done():
-            cause = self._ended.result()
-            result = RelayResult("gateway", cause.close_code, cause.code, cause)
-            await self._close_client_with(cause)
-            await self._close_upstream(1001, "session ended by the gateway")
-            return result
-        for outcome in results:
-            if isinstance(outcome, _ClientClosed):
-                await self._close_upstream(CLIENT_GONE_CODE, "client went away")
-                return RelayResult("client", outcome.code, outcome.reason)
-        for outcome in results:
-            if isinstance(outcome, ConnectionClosed):
-                return await self._upstream_closed(outcome)
-        # A pump failed in an unexpected way: end both sides as an upstream error.
-        await self._close_client_with(UPSTREAM_LOST)
-        await self._close_upstream(1011, "gateway error")
-        raise next(r for r in results if isinstance(r, BaseException)
-                   and not isinstance(r, asyncio.CancelledError))
-
-    async def _upstream_closed(self, exc: ConnectionClosed) -> RelayResult:
-        received = exc.rcvd
-        if received is None:  # no close frame: reset, EOF or keepalive timeout
-            await self._close_client_with(UPSTREAM_LOST)
-            return RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST)
-        code = received.code if received.code not in (1005, 1006, 1015) else 1000
-        reason = clip_reason(received.reason)
-        await self._close_client(code, reason)
-        return RelayResult("upstream", code, reason)
-
-    async def _close_client_with(self, cause: SessionEnd | None) -> None:
-        if cause is None:
-            return
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._send({"type": "websocket.send", "text": cause.error_event()})
-        await self._close_client(cause.close_code, clip_reason(cause.code))
-
-    async def _close_client(self, code: int, reason: str) -> None:
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-
-    async def _close_upstream(self, code: int, reason: str) -> None:
-        try:
-            async with asyncio.timeout(UPSTREAM_CLOSE_TIMEOUT):
-                await self._upstream.close(code, reason)
-        except (TimeoutError, OSError, ConnectionClosed):
-            self._upstream.transport.abort()
+            for side in (client, upstream):
+                side.stop_timers()
+                if not side.settled.done():
+                    side.cancel_close_timer()
+                    side.transport.abort()
+        return result

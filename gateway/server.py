@@ -20,16 +20,21 @@ import signal
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
 
 from gateway.app import Gateway, create_app, create_metrics_app
 from gateway.config import Config
 from gateway.errors import SHUTTING_DOWN
 from gateway.logs import get_logger
+from gateway.session import HAND_OFF
 
 log = get_logger(__name__)
 
@@ -121,6 +126,86 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets Sans-I/O protocol, with the upgrade handed off to the relay.
+
+    An accepted session does not send ``websocket.accept``: it calls the
+    :data:`gateway.session.HAND_OFF` scope extension, which writes the 101 and gives
+    the connection's transport to the frame relay (:mod:`gateway.relay`); uvicorn then
+    holds nothing of the connection but the ASGI task.  Refusals (HTTP responses, or
+    accept + ``error`` + close for browsers) still go through ASGI.
+
+    Two uvicorn defects are fixed here: an upgrade request that the websockets parser
+    refuses (a header line over 8 KiB, more than 128 headers) is answered 414/431/400
+    and closed instead of held open; a completed HTTP refusal is not logged as
+    "ASGI callable returned without completing handshake".
+    """
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if not self.handshake_complete:  # the request is a valid upgrade: the app runs
+            self.scope["extensions"][HAND_OFF] = {"call": self.hand_off}
+
+    def hand_off(self, subprotocol: str | None) -> asyncio.Transport | None:
+        """Answer the upgrade with 101 (echoing ``subprotocol``) and give the transport away.
+
+        Returns ``None``, writing nothing, when the client already went away.  After this
+        call the caller must set the transport's protocol before yielding to the loop.
+        """
+        if self.disconnected or self.handshake_complete or self.transport.is_closing():
+            return None
+        headers = self.response.headers
+        del headers["Date"]
+        headers.update((name.decode("latin-1").lower(), value.decode("latin-1"))
+                       for name, value in self.default_headers)
+        if subprotocol:
+            headers["Sec-WebSocket-Protocol"] = subprotocol
+        self.handshake_complete = True
+        self.conn.send_response(self.response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.connections.discard(self)
+        self.handed_off = True
+        return self.transport
+
+    handed_off = False
+
+    async def run_asgi(self) -> None:
+        """uvicorn's ``run_asgi``, except that a handed-off transport is not closed when
+        the app returns (the relay owns it; the session runs in its own task)."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.",
+                                  result)
+        if self.close_timer is None and not self.handed_off:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            # websockets prepared a 414/431 (or nothing, for an unparseable request).
+            answer = b"".join(self.conn.data_to_send()) or (
+                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            self.handshake_initiated = self.handshake_complete = self.close_sent = True
+            if not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True
+
+
 def header_deadline_protocol(seconds: float) -> type[HeaderDeadlineProtocol]:
     """A :class:`HeaderDeadlineProtocol` class whose deadline is ``seconds``."""
     return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout": seconds})
@@ -151,7 +236,7 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         app,
         host=host,
         port=port,
-        ws="websockets-sansio",
+        ws=GatewayWebSocketProtocol,
         ws_max_size=server.max_message_bytes,
         ws_ping_interval=server.ping_interval_seconds,
         ws_ping_timeout=server.ping_timeout_seconds,

@@ -6,7 +6,7 @@ header-credential clients get an HTTP status before the upgrade, subprotocol
 clients (browsers) are accepted, sent an ``error`` event and closed ``4000 + status``.
 
 The stages take plain values (:class:`HandshakeRequest`), not ASGI objects; only
-:func:`handle` and :mod:`gateway.relay` speak ASGI.
+:func:`handle` speaks ASGI; after the 101 the connection belongs to :mod:`gateway.relay`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
-
-from websockets.asyncio.client import ClientConnection
 
 from gateway.auth.authenticator import Principal
 from gateway.config import ModelRoute, TenantConfig
@@ -41,8 +39,8 @@ from gateway.errors import (
 from gateway.limits.base import Balance, Lease, LimiterUnavailable
 from gateway.logs import get_logger
 from gateway.metrics import UNKNOWN_TENANT
-from gateway.relay import Receive, Relay, RelayResult, Send
-from gateway.upstream import UpstreamTarget, dial
+from gateway.relay import Relay, RelayResult
+from gateway.upstream import HandOffConnection, UpstreamTarget, dial
 from gateway.usage import KINDS, TokenCounts
 
 if TYPE_CHECKING:
@@ -57,7 +55,23 @@ MIN_TOKEN_LIFETIME = 1.0
 """Seconds; a token with less left is refused (the session would close at once)."""
 HOUSEKEEPING_SECONDS = 1.0
 """How often a live session publishes counters, checks send deadlines and charges usage."""
+HOUSEKEEPING_STOP_SECONDS = 2.0
+"""Seconds :meth:`LiveSession.stop_housekeeping` waits at most for the task to end."""
+HOUSEKEEPING_RECANCEL_SECONDS = 0.1
+"""Seconds between two cancellations of a housekeeping task that is still running."""
 MAX_MODEL_NAME = 128
+MIN_UPSTREAM_MESSAGE_CAP = 16 * 1024 * 1024
+"""Bytes; upstream messages up to this size (or ``server.max_message_bytes`` if larger)
+are relayed, a larger one fails the upstream 1009."""
+HAND_OFF = "gateway.hand_off"
+"""ASGI scope extension set by :class:`gateway.server.GatewayWebSocketProtocol`:
+``{"call": HandOff}``."""
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+HandOff = Callable[[str | None], asyncio.Transport | None]
+"""Writes the 101 (with the given subprotocol) and returns the client's transport, or
+``None`` when the client already went away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +137,8 @@ class Admitted:
     model: str
     route: ModelRoute
     lease: Lease
-    upstream: ClientConnection
+    upstream: HandOffConnection | None
+    """``None`` once the connection is handed to the relay (:func:`start_session`)."""
 
 
 def check_origin(gw: Gateway, request: HandshakeRequest) -> None:
@@ -191,13 +206,7 @@ async def _admit_and_dial(gw: Gateway, request: HandshakeRequest, principal: Pri
     )
     started = now
     try:
-        upstream = await dial(
-            target,
-            connect_timeout=upstream_config.connect_timeout_seconds,
-            max_message_bytes=max(gw.config.server.max_message_bytes, 16 * 1024 * 1024),
-            ping_interval=gw.config.server.ping_interval_seconds,
-            ping_timeout=gw.config.server.ping_timeout_seconds,
-        )
+        upstream = await dial(target, connect_timeout=upstream_config.connect_timeout_seconds)
     except GatewayError as exc:
         phase("upstream_connect", time.perf_counter() - started)
         gw.metrics.upstream_connect_errors_total.labels(route.upstream, exc.reason).inc()
@@ -210,34 +219,61 @@ async def _admit_and_dial(gw: Gateway, request: HandshakeRequest, principal: Pri
     return Admitted(principal, model, route, lease, upstream)
 
 
-def model_guard(admitted: Admitted) -> Callable[[str], str | None]:
+def model_guard(admitted: Admitted) -> Callable[[str | bytes], str | None]:
     """Model pinning for client ``session.update`` events (issue: a client must not switch
     its session to a model the tenant may not use).
 
-    The returned guard lets a ``session.update`` through when it names no model or the
-    session's own (its client-facing name or the upstream's name for it); any other
-    ``session.model`` is refused with a ``forbidden`` ``error`` event and not forwarded,
-    and the session goes on with its model.  Unparseable frames pass: the upstream
-    answers them with its own error.
+    The returned guard takes one client text message (``str``, or its UTF-8 ``bytes``)
+    and returns ``None`` to forward it, or the ``error`` event (JSON text) to send back
+    instead.  It lets a ``session.update`` through when it names no model
+    (``session.model`` absent or ``null``) or the session's own (its client-facing name
+    or the upstream's name for it).  Refused with a ``forbidden`` ``error`` event, not
+    forwarded, the session going on with its model:
+
+    * any other ``session.model``, and any that is not a string (number, list, object);
+    * a message with a duplicate key in any object when any of its objects has
+      ``"type": "session.update"`` (escapes decoded): Python keeps the last value of
+      a key, other parsers the first, so the upstream could see another event or model;
+    * valid JSON nested too deep for Python's parser (``RecursionError``): another
+      parser may accept it, so it cannot be checked and is treated as a model switch.
+
+    Syntactically invalid JSON passes: the upstream answers it with its own error.
+    Never raises.
     """
     own = {admitted.model, admitted.route.upstream_model or admitted.model}
     refusal = Forbidden("this model is not available to your session", reason="model_pinning")
 
-    def guard(frame: str) -> str | None:
+    def guard(frame: str | bytes) -> str | None:
+        duplicate = names_update = False
+
+        def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            nonlocal duplicate, names_update
+            obj = dict(pairs)
+            if len(obj) != len(pairs):
+                duplicate = True
+                names_update = names_update or any(
+                    key == "type" and value == "session.update" for key, value in pairs)
+            elif obj.get("type") == "session.update":
+                names_update = True
+            return obj
+
         try:
-            event = json.loads(frame)
-        except ValueError:
+            event = json.loads(frame, object_pairs_hook=pairs_hook)
+        except RecursionError:
+            return refusal.error_event()
+        except ValueError:  # UnicodeDecodeError included
             return None
+        if duplicate and names_update:
+            return refusal.error_event()
         if not isinstance(event, dict) or event.get("type") != "session.update":
             return None
         session = event.get("session")
         model = session.get("model") if isinstance(session, dict) else None
-        if model is None or model in own:
+        if model is None or (isinstance(model, str) and model in own):
             return None
         return refusal.error_event()
 
     return guard
-
 
 async def refuse(send: Send, exc: GatewayError, request: HandshakeRequest,
                  credentials: Credentials | None) -> None:
@@ -265,18 +301,29 @@ class LiveSession:
     gw: Gateway
     admitted: Admitted
     session_id: str
+    peer: str
+    """The client's address, ``host:port``."""
     relay: Relay = field(init=False)
+    task: asyncio.Task[None] = field(init=False)
     started: float = field(default_factory=time.monotonic)
     pending_usage: list[TokenCounts] = field(default_factory=list)
     usage_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     billable_tokens: int = 0
     _published: tuple[int, int, int, int] = (0, 0, 0, 0)
+    _stopping: bool = False
+    """Set by :meth:`stop_housekeeping`; :meth:`housekeeping` returns at its next check."""
 
     def on_usage(self, counts: TokenCounts) -> None:
         """Called by the relay for each usage event; never blocks the pump."""
         self.pending_usage.append(counts)
         self.usage_arrived.set()
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        """``(tenant, model, upstream)``, the session metrics' labels."""
+        a = self.admitted
+        return a.principal.tenant.id, a.model, a.route.upstream
 
     def end(self, cause: SessionEnd) -> None:
         self.relay.end(cause)
@@ -320,7 +367,12 @@ class LiveSession:
 
     async def housekeeping(self) -> None:
         """Once a second (and at once when usage arrives): charge usage, publish counters,
-        enforce send deadlines; every lease/3 seconds: renew the lease."""
+        enforce send deadlines; every lease/3 seconds: renew the lease.
+
+        Runs until :meth:`stop_housekeeping`, whose stop flag is checked after every
+        await: a cancellation lost inside a limiter call cannot keep the loop alive
+        for more than that call (at most the limiter's timeout).
+        """
         tenant = self.admitted.principal.tenant
         send_timeout = self.gw.config.server.send_timeout_seconds
         renew_every = self.gw.lease_renewal_seconds
@@ -328,12 +380,16 @@ class LiveSession:
         next_renewal = loop.time() + renew_every
         stalled = 0.0
         last_progress = (-1, -1)
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HOUSEKEEPING_SECONDS):
                     await self.usage_arrived.wait()
+            if self._stopping:
+                return
             self.usage_arrived.clear()
             balance = await self.charge_pending()
+            if self._stopping:
+                return
             if balance is not None and balance.overdrawn(tenant.limits):
                 self.end(BUDGET_EXHAUSTED)
             self.publish_counters()
@@ -351,15 +407,51 @@ class LiveSession:
                 except LimiterUnavailable as exc:
                     self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
                 else:
-                    if balance.overdrawn(tenant.limits):
+                    if not self._stopping and balance.overdrawn(tenant.limits):
                         self.end(BUDGET_EXHAUSTED)
 
+    async def stop_housekeeping(self, keeper: asyncio.Task[None]) -> None:
+        """End ``keeper``, the task running :meth:`housekeeping`, waiting at most
+        :data:`HOUSEKEEPING_STOP_SECONDS` for it.
+
+        Sets the stop flag, then cancels the task, and cancels it again every
+        :data:`HOUSEKEEPING_RECANCEL_SECONDS` while it runs: a single cancellation can
+        be lost inside a library call (redis-py's ``asyncio.wait_for`` on Python 3.11,
+        defect D5), and the flag ends the loop at its next check anyway.  A task still
+        running at the bound is left to end by itself and logged
+        (``session.housekeeping_stuck``); a task that failed is logged
+        (``session.housekeeping_failed``).
+
+        Never raises.  A cancellation of the caller while it waits is absorbed (the
+        wait goes on, within the same bound), so the session's cleanup that follows
+        still runs.
+        """
+        self._stopping = True
+        self.usage_arrived.set()  # wake the loop if it is waiting for usage
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOUSEKEEPING_STOP_SECONDS
+        while not keeper.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("session.housekeeping_stuck", session_id=self.session_id,
+                            waited_s=HOUSEKEEPING_STOP_SECONDS)
+                return
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({keeper}, timeout=min(HOUSEKEEPING_RECANCEL_SECONDS,
+                                                         remaining))
+        if not keeper.cancelled() and (error := keeper.exception()) is not None:
+            log.error("session.housekeeping_failed", session_id=self.session_id,
+                      exc_info=error)
 
 async def handle(gw: Gateway, scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """Serve one WebSocket upgrade on a realtime path, from ``websocket.connect`` to close."""
     first = await receive()
     if first["type"] != "websocket.connect":
         return
+    if HAND_OFF not in scope.get("extensions", {}):
+        raise RuntimeError("realtime sessions need gateway.server's uvicorn protocol "
+                           "(the relay takes the connection over after the upgrade)")
     request = HandshakeRequest.from_scope(scope)
     started = time.perf_counter()
     credentials: Credentials | None = None
@@ -391,30 +483,52 @@ async def handle(gw: Gateway, scope: dict[str, Any], receive: Receive, send: Sen
         await refuse(send, exc, request, credentials)
         return
     phase("total", time.perf_counter() - started)
-    await run_session(gw, admitted, request, send, receive)
-
-
-async def run_session(gw: Gateway, admitted: Admitted, request: HandshakeRequest, send: Send,
-                      receive: Receive) -> None:
-    """Accept the client, relay until close, then release and account."""
-    principal = admitted.principal
-    tenant = principal.tenant
-    labels = (tenant.id, admitted.model, admitted.route.upstream)
-    try:
-        await send({"type": "websocket.accept",
-                    "subprotocol": select_subprotocol(request.subprotocols)})
-    except (OSError, RuntimeError):
-        await admitted.upstream.close(1001, "client went away")
+    hand_off: HandOff = scope["extensions"][HAND_OFF]["call"]
+    client = hand_off(select_subprotocol(request.subprotocols))
+    if client is None:  # the client went away during the handshake
+        assert admitted.upstream is not None
+        admitted.upstream.hang_up(1001, "client went away")
         await gw.release(admitted.lease)
         return
-    live = LiveSession(gw, admitted, admitted.lease.session_id)
-    relay = live.relay = Relay(receive, send, admitted.upstream, live.on_usage,
-                               guard=model_guard(admitted))
+    start_session(gw, admitted, client, request.client)
+
+
+def start_session(gw: Gateway, admitted: Admitted, client: asyncio.Transport,
+                  peer: str) -> LiveSession:
+    """Hand both connections to a :class:`Relay` and run the session in a task of its own.
+
+    The upgrade's ASGI task then ends, and with it everything of the handshake (uvicorn's
+    protocol object, the request and its headers, the upstream's ``websockets``
+    connection object): a live session holds only what it needs (CONTRACT §5 per-session
+    memory; issue 7's RSS per session).
+    """
+    upstream = admitted.upstream
+    assert upstream is not None
+    admitted.upstream = None
+    server = gw.config.server
+    live = LiveSession(gw, admitted, admitted.lease.session_id, peer)
+    live.relay = Relay(
+        client, upstream.transport, live.on_usage, guard=model_guard(admitted),
+        upstream_buffered=upstream.take_raw(), upstream_lost=upstream.lost,
+        max_client_message=server.max_message_bytes,
+        max_upstream_message=max(server.max_message_bytes, MIN_UPSTREAM_MESSAGE_CAP),
+        ping_interval=server.ping_interval_seconds, ping_timeout=server.ping_timeout_seconds)
     gw.register(live)
-    gw.metrics.sessions_active.labels(*labels).inc()
+    gw.metrics.sessions_active.labels(*live.labels).inc()
+    live.task = asyncio.create_task(run_session(gw, live))
+    return live
+
+
+async def run_session(gw: Gateway, live: LiveSession) -> None:
+    """Relay until close, then release and account (the task :func:`start_session` starts)."""
+    admitted = live.admitted
+    principal = admitted.principal
+    tenant = principal.tenant
+    labels = live.labels
+    relay = live.relay
     log.info("session.start", session_id=live.session_id, tenant=tenant.id,
              subject=principal.subject, model=admitted.model, upstream=admitted.route.upstream,
-             client=request.client)
+             client=live.peer)
     loop = asyncio.get_running_loop()
     timers = [loop.call_later(tenant.limits.max_session_seconds, live.end, SESSION_EXPIRED)]
     if principal.expires_at is not None:
@@ -427,9 +541,7 @@ async def run_session(gw: Gateway, admitted: Admitted, request: HandshakeRequest
     finally:
         for timer in timers:
             timer.cancel()
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        await live.stop_housekeeping(keeper)  # bounded: never waits forever (D5)
         gw.unregister(live)
         await live.charge_pending()
         live.publish_counters()

@@ -26,6 +26,8 @@ from typing import Any
 
 _RESPONSE_DONE = '"response.done"'
 _TRANSCRIPTION_DONE = "transcription.completed"
+_RESPONSE_DONE_B = _RESPONSE_DONE.encode()
+_TRANSCRIPTION_DONE_B = _TRANSCRIPTION_DONE.encode()
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 KINDS = ("input_text", "input_audio", "input_image", "input_cached", "output_text", "output_audio")
@@ -105,16 +107,20 @@ def usage_of(event: Any) -> TokenCounts | None:
     )
 
 
-def tap(frame: str) -> TokenCounts | None:
-    """Usage carried by an upstream text frame, or ``None``.
+def tap(frame: str | bytes) -> TokenCounts | None:
+    """Usage carried by an upstream text message (``str``, or its UTF-8 ``bytes``), or ``None``.
 
-    The cheap substring test runs first; JSON is parsed only for frames that may
-    be a ``response.done`` or a transcription-completed event.  Never raises.
+    The cheap substring test runs first; JSON is parsed only for messages that may
+    be a ``response.done`` or a transcription-completed event.  Never raises
+    (malformed or absurdly nested JSON carries no usage).
     """
-    if _RESPONSE_DONE not in frame and _TRANSCRIPTION_DONE not in frame:
+    if isinstance(frame, bytes):
+        if _RESPONSE_DONE_B not in frame and _TRANSCRIPTION_DONE_B not in frame:
+            return None
+    elif _RESPONSE_DONE not in frame and _TRANSCRIPTION_DONE not in frame:
         return None
     try:
         event = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return usage_of(event)

@@ -180,10 +180,6 @@ async def settled(flood: Flood) -> int:
     raise AssertionError(f"the upstream kept sending: {flood.sent} frames")
 
 
-@pytest.mark.xfail(reason="Relay.run sends the error event and close frame to a client that "
-                          "reads nothing before it closes the upstream, with no deadline: the "
-                          "session, its upstream and its lease are held until the client goes",
-                   strict=True)
 async def test_client_that_stops_reading_is_closed_as_a_slow_consumer(
         key_file: Path, tokens: Tokens, sweep: LeakSweep) -> None:
     """Case 32, deadline: after ``server.send_timeout_seconds`` (1 s) without progress the
@@ -311,14 +307,6 @@ async def test_handshake_trickled_one_byte_a_second_is_cut(
 
 # -- oversize upgrade requests ----------------------------------------------------------------
 
-OVERSIZE_HANDSHAKE = pytest.mark.xfail(
-    reason="httptools accepts the request, then websockets' ServerProtocol refuses it (line > "
-           "8192 bytes or > 128 headers) and asks for EOF, which uvicorn's sans-I/O protocol "
-           "never writes: no answer, no close, and the header deadline was already disarmed",
-    strict=True)
-
-
-@OVERSIZE_HANDSHAKE
 async def test_oversize_upgrade_requests_are_answered_or_closed(
         gw: RunningGateway, emulator: Emulator, tokens: Tokens) -> None:
     """Case 4: upgrade requests whose headers are too large (a 9 KiB ``Authorization``

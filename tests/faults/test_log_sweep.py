@@ -120,10 +120,6 @@ async def test_debug_header_dumps_of_every_carrier_are_swept(
     assert metric(gw, "realtime_gateway_session_rejections_total") == 2
 
 
-@pytest.mark.xfail(reason="uvicorn's websockets-sansio protocol never marks a denial "
-                          "response (websocket.http.response.*) as completing the handshake: "
-                          'every HTTP refusal logs ERROR "ASGI callable returned without '
-                          'completing handshake."', strict=True)
 async def test_refusals_log_no_error_and_no_traceback(
         gw: RunningGateway, tokens: Tokens, sweep: LeakSweep) -> None:
     """Case 4: refused upgrades (malformed, garbage, unknown-model, no-credential) are
