@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.usage import TRANSCRIPTION_COMPLETED as TRANSCRIPTION
 from gateway.usage import TokenCounts, tap, usage_of
 
 RESPONSE_DONE: dict[str, Any] = {
@@ -84,3 +85,21 @@ def test_fuzz_usage_never_raises(event: Any) -> None:
         event["type"] = "response.done"
     counts = usage_of(event)
     assert counts is None or min(counts.by_kind().values()) >= 0
+
+
+def test_bytes_payloads_count_like_text() -> None:
+    """The relay passes the UTF-8 payload of a text frame; invalid UTF-8 is not usage."""
+    frame = json.dumps(RESPONSE_DONE)
+    assert tap(frame.encode()) == tap(frame)
+    assert tap(b'{"type":"session.updated"}') is None
+    assert tap(b'{"type":"response.done","x":"\xff"}') is None
+
+
+@pytest.mark.parametrize("frame", [
+    '{"type":"response.done","response":{"usage":' + "[" * 5000 + "]" * 5000 + "}}",
+    '{"type":"' + TRANSCRIPTION + '","usage":' + "{\"a\":" * 5000 + "0" + "}" * 5000 + "}",
+])
+def test_nesting_too_deep_to_parse_is_not_usage(frame: str) -> None:
+    """CPython's decoder raises RecursionError (not ValueError) on such JSON."""
+    assert tap(frame) is None
+    assert tap(frame.encode()) is None

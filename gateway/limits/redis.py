@@ -15,11 +15,20 @@ only touch keys of one slot)::
     rgw:{<tenant>}:starts:u:<user>     STRING GCRA theoretical arrival time (s)
     rgw:{<tenant>}:tokens              HASH  b = balance, ts = time of b (s)
 
-Failure handling: socket connect and command timeouts of ``timeout_seconds``
-(≤ 250 ms), one overall deadline of ``timeout_seconds`` per operation, at most one
+Failure handling: a socket connect timeout of ``timeout_seconds`` (≤ 250 ms), one
+overall deadline of ``timeout_seconds`` per operation (an ``asyncio.timeout`` around the
+whole call: waiting for a pooled connection, connecting, writing, reading), at most one
 retry and only for a broken pooled connection (never for a timeout), and a
 :class:`CircuitBreaker` that fails fast while Redis is known to be down.  Every
 Redis error or timeout becomes :class:`~gateway.limits.base.LimiterUnavailable`.
+
+redis-py's own command timeout (``socket_timeout``) is disabled: redis-py writes each
+command under ``asyncio.wait_for`` when it is set, and on Python 3.11 ``wait_for``
+can lose a cancellation that arrives as the write completes, so a cancelled caller
+(a session's housekeeping task) would carry on (defect D5).  The connection pool is
+bounded (``max_connections``); a caller waits for a free connection at most
+``timeout_seconds``.  A cancelled or timed-out call closes its connection (redis-py
+never returns a connection with a half-written command or an unread reply to the pool).
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -50,6 +59,10 @@ log = get_logger(__name__)
 KEY_PREFIX = "rgw"
 DEFAULT_FAILURE_THRESHOLD = 3
 DEFAULT_RESET_SECONDS = 5.0
+DEFAULT_MAX_CONNECTIONS = 64
+"""Redis connections per limiter (per node for Redis Cluster).  One call holds one for
+about a round trip, so this serves thousands of sessions; calls beyond it wait for a
+free connection within their deadline (Redis Cluster: fail at once)."""
 _SCRIPTS = ("admit", "renew", "release", "charge")
 
 
@@ -152,6 +165,11 @@ class RedisLimiter:
             :attr:`renewal_interval`.
         failure_threshold, reset_seconds: the :class:`CircuitBreaker`.
         clock: the breaker's clock (seconds).  Limits use Redis ``TIME`` only.
+        max_connections: size of the connection pool (per node for Redis Cluster).
+
+    Raises:
+        ValueError: a non-positive ``timeout_seconds``, ``lease_seconds`` or
+            ``max_connections``, or a URL of another scheme.
 
     No connection is made until the first call; a Redis that was down and comes
     back is used again without a new object.  Requires Redis >= 5 (effects
@@ -167,15 +185,18 @@ class RedisLimiter:
         failure_threshold: int = DEFAULT_FAILURE_THRESHOLD,
         reset_seconds: float = DEFAULT_RESET_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         self._timeout = timeout_seconds
         self._lease_seconds = lease_seconds
         self._breaker = CircuitBreaker(failure_threshold, reset_seconds, clock)
-        self._client: Redis | RedisCluster = _connect(url, timeout_seconds)
+        self._client: Redis | RedisCluster = _connect(url, timeout_seconds, max_connections)
         self._scripts: dict[str, AsyncScript] = {
             name: self._client.register_script(_load_script(name)) for name in _SCRIPTS
         }
@@ -183,7 +204,7 @@ class RedisLimiter:
     @classmethod
     def from_config(cls, config: RedisConfig, **kwargs: Any) -> RedisLimiter:
         """Build from ``redis:`` (url, timeout_seconds, lease_seconds); ``kwargs`` as for
-        the constructor (breaker settings, clock)."""
+        the constructor (breaker settings, clock, max_connections)."""
         return cls(
             config.url,
             timeout_seconds=config.timeout_seconds,
@@ -348,23 +369,37 @@ class RedisLimiter:
         return result
 
 
-def _connect(url: str, timeout: float) -> Redis | RedisCluster:
-    """A client for ``url`` with short timeouts and one retry on a broken connection."""
+def _connect(url: str, timeout: float, max_connections: int) -> Redis | RedisCluster:
+    """A client for ``url``: no redis-py command timeout (the caller bounds each call
+    with ``asyncio.timeout``), a connect timeout of ``timeout`` seconds, at most
+    ``max_connections`` connections, one retry on a broken connection.
+
+    A ``socket_timeout`` in the URL's query is dropped (it would bring back
+    redis-py's ``asyncio.wait_for`` and defect D5).
+    """
     parts = urlsplit(url)
+    if parts.query:
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                 if k != "socket_timeout"]
+        parts = parts._replace(query=urlencode(query))
+        url = urlunsplit(parts)
     common: dict[str, Any] = {
-        "socket_timeout": timeout,
+        "socket_timeout": None,
         "socket_connect_timeout": timeout,
         "decode_responses": True,
         "client_name": "realtime-gateway",
+        "max_connections": max_connections,
     }
     if parts.scheme in {"redis+cluster", "rediss+cluster"}:
         plain = urlunsplit(parts._replace(scheme=parts.scheme.removesuffix("+cluster")))
         # The cluster client retries a failed command against a refreshed topology;
-        # one retry at most.
+        # one retry at most.  Its per-node pools raise MaxConnectionsError when full.
         return RedisCluster.from_url(plain, retry=Retry(NoBackoff(), 1), **common)
     if parts.scheme in {"redis", "rediss"}:
         # Retry once, at once, only when a pooled connection turns out to be broken
-        # (Redis restarted); a timeout is never retried.
+        # (Redis restarted); a timeout is never retried.  A full pool makes the caller
+        # wait for a free connection, at most ``timeout`` seconds.
         retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-        return Redis.from_url(url, retry=retry, **common)
+        pool = BlockingConnectionPool.from_url(url, timeout=timeout, retry=retry, **common)
+        return Redis.from_pool(pool)
     raise ValueError("the Redis URL must use redis://, rediss:// or redis+cluster://")

@@ -229,11 +229,6 @@ async def test_redis_flushall_mid_session_is_repaired_by_renewal(
         await wait_for(slots(redis_server, 0), within=2)
 
 
-@pytest.mark.xfail(reason="redis-py writes every command under asyncio.wait_for "
-                          "(socket_timeout); on Python 3.11 wait_for drops a cancellation "
-                          "that arrives as the write completes, so the cancelled caller "
-                          "carries on (session.run_session then waits forever for its "
-                          "housekeeping task)", strict=True)
 async def test_cancelling_a_task_inside_a_redis_call_ends_it(
         emulator: Emulator, key_file: Path, proxy: FaultProxy) -> None:
     """A session's housekeeping task is cancelled when the session ends, often while it is
