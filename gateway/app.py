@@ -23,6 +23,7 @@ from gateway.auth.authenticator import Authenticator
 from gateway.auth.dev_issuer import DevIssuer
 from gateway.config import Config, TenantConfig
 from gateway.errors import SessionEnd, Unavailable
+from gateway.housekeeping import Housekeeper
 from gateway.limits.base import Lease, Limiter, LimiterUnavailable
 from gateway.limits.failover import build_limiter
 from gateway.logs import get_logger
@@ -59,6 +60,7 @@ class Gateway:
         self.draining = False
         lease = config.redis.lease_seconds if config.redis else DEFAULT_LEASE_SECONDS
         self.lease_renewal_seconds = lease / 3
+        self.housekeeper = Housekeeper(self)
         for tenant in config.tenants:
             if tenant.limits.max_sessions is not None:
                 metrics.tenant_max_sessions.labels(tenant.id).set(tenant.limits.max_sessions)
@@ -192,11 +194,13 @@ def create_app(config: Config, gateway: Gateway | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.authenticator.start()
+        gw.housekeeper.start()
         log.info("gateway.started", tenants=[t.id for t in config.tenants],
                  keys_loaded=gw.authenticator.ready())
         try:
             yield
         finally:
+            await gw.housekeeper.stop()
             await gw.authenticator.aclose()
             await gw.limiter.aclose()
 

@@ -23,7 +23,7 @@ Rules (CONTRACT §5):
   bad control frames or continuation sequences) close it 1002; a message over
   ``server.max_message_bytes`` 1009;
 * backpressure, not buffering: when one side's transport buffer passes its high-water
-  mark the other side's reading is paused until it drains; the session's housekeeping
+  mark the other side's reading is paused until it drains; the gateway's housekeeping
   ends a session whose client stays blocked (``slow_consumer``);
 * the first side to end decides the close: an upstream close frame goes to the
   client with its code and reason; an upstream that vanished (reset, EOF, no pong)
@@ -668,7 +668,7 @@ class Relay:
     after its 101 before the hand-off (frames, not yet read); ``upstream_lost`` says
     the upstream connection was already lost then.
 
-    Public counters (read by the session's housekeeping, never reset):
+    Public counters (read by the gateway's housekeeping, never reset):
     ``client_messages``/``client_bytes`` (client → upstream, forwarded) and
     ``upstream_messages``/``upstream_bytes`` (upstream → client); bytes are payload
     bytes.  :attr:`sending_to_client`/:attr:`sending_to_upstream` are true while that

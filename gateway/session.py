@@ -25,9 +25,7 @@ from gateway.auth.authenticator import Principal
 from gateway.config import ModelRoute, TenantConfig
 from gateway.credentials import Credentials, extract_credentials, select_subprotocol
 from gateway.errors import (
-    BUDGET_EXHAUSTED,
     SESSION_EXPIRED,
-    SLOW_CONSUMER,
     TOKEN_EXPIRED,
     Forbidden,
     GatewayError,
@@ -53,12 +51,6 @@ REALTIME_PATHS = ("/v1/realtime", "/openai/v1/realtime", AZURE_PREVIEW_PATH,
                   "/language-model-service/ws/v1/open-ai/realtime")
 MIN_TOKEN_LIFETIME = 1.0
 """Seconds; a token with less left is refused (the session would close at once)."""
-HOUSEKEEPING_SECONDS = 1.0
-"""How often a live session publishes counters, checks send deadlines and charges usage."""
-HOUSEKEEPING_STOP_SECONDS = 2.0
-"""Seconds :meth:`LiveSession.stop_housekeeping` waits at most for the task to end."""
-HOUSEKEEPING_RECANCEL_SECONDS = 0.1
-"""Seconds between two cancellations of a housekeeping task that is still running."""
 MAX_MODEL_NAME = 128
 MIN_UPSTREAM_MESSAGE_CAP = 16 * 1024 * 1024
 """Bytes; upstream messages up to this size (or ``server.max_message_bytes`` if larger)
@@ -296,7 +288,11 @@ async def refuse(send: Send, exc: GatewayError, request: HandshakeRequest,
 
 @dataclass(eq=False)
 class LiveSession:
-    """A session between its 101 and its close: timers, usage accounting, counters."""
+    """A session between its 101 and its close: usage accounting, counters, deadlines.
+
+    Its periodic work (counters, send deadline, usage charges, lease renewals) is done by
+    the gateway's :class:`gateway.housekeeping.Housekeeper`, not by a task of its own.
+    """
 
     gw: Gateway
     admitted: Admitted
@@ -306,18 +302,21 @@ class LiveSession:
     relay: Relay = field(init=False)
     task: asyncio.Task[None] = field(init=False)
     started: float = field(default_factory=time.monotonic)
+    next_renewal: float = 0.0
+    """Event-loop time (seconds) at which the lease is next renewed."""
     pending_usage: list[TokenCounts] = field(default_factory=list)
-    usage_arrived: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     billable_tokens: int = 0
     _published: tuple[int, int, int, int] = (0, 0, 0, 0)
-    _stopping: bool = False
-    """Set by :meth:`stop_housekeeping`; :meth:`housekeeping` returns at its next check."""
+    _blocked: float = 0.0
+    _last_progress: tuple[int, int] = (-1, -1)
+
+    def __post_init__(self) -> None:
+        self.next_renewal = asyncio.get_running_loop().time() + self.gw.lease_renewal_seconds
 
     def on_usage(self, counts: TokenCounts) -> None:
         """Called by the relay for each usage event; never blocks the pump."""
         self.pending_usage.append(counts)
-        self.usage_arrived.set()
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -328,22 +327,30 @@ class LiveSession:
     def end(self, cause: SessionEnd) -> None:
         self.relay.end(cause)
 
-    async def charge_pending(self) -> Balance | None:
-        """Count pending usage in ``tokens_total`` and debit the tenant's budget."""
+    def take_pending(self) -> int:
+        """Count the pending usage in ``tokens_total`` and the session's totals; return its
+        billable tokens (0 when there is none), which the caller charges."""
         if not self.pending_usage:
-            return None
+            return 0
         batch, self.pending_usage = self.pending_usage, []
-        tenant = self.admitted.principal.tenant
+        tenant_id = self.admitted.principal.tenant.id
         total = 0
         for counts in batch:
             total += counts.billable
             for kind, value in counts.by_kind().items():
                 if value:
                     self.tokens[kind] += value
-                    self.gw.metrics.tokens_total.labels(tenant.id, self.admitted.model,
+                    self.gw.metrics.tokens_total.labels(tenant_id, self.admitted.model,
                                                         kind).inc(value)
         self.billable_tokens += total
-        if tenant.limits.tokens_per_minute is None:
+        return total
+
+    async def charge_pending(self) -> Balance | None:
+        """:meth:`take_pending` and debit the tenant's budget now (at the session's end);
+        ``None`` when there was nothing to charge or the limiter failed (counted)."""
+        total = self.take_pending()
+        tenant = self.admitted.principal.tenant
+        if not total or tenant.limits.tokens_per_minute is None:
             return None
         try:
             return await self.gw.limiter.charge(tenant.id, tenant.limits, total)
@@ -365,84 +372,17 @@ class LiveSession:
         m.bytes_upstream_to_client.inc(now[3] - last[3])
         self._published = now
 
-    async def housekeeping(self) -> None:
-        """Once a second (and at once when usage arrives): charge usage, publish counters,
-        enforce send deadlines; every lease/3 seconds: renew the lease.
+    def blocked_for(self, interval: float) -> float:
+        """Seconds (counted in steps of ``interval``, the caller's period) for which a send
+        has been blocked on backpressure with no message relayed either way."""
+        r = self.relay
+        progress = (r.client_messages, r.upstream_messages)
+        blocked = r.sending_to_client or r.sending_to_upstream
+        self._blocked = self._blocked + interval if (
+            blocked and progress == self._last_progress) else 0.0
+        self._last_progress = progress
+        return self._blocked
 
-        Runs until :meth:`stop_housekeeping`, whose stop flag is checked after every
-        await: a cancellation lost inside a limiter call cannot keep the loop alive
-        for more than that call (at most the limiter's timeout).
-        """
-        tenant = self.admitted.principal.tenant
-        send_timeout = self.gw.config.server.send_timeout_seconds
-        renew_every = self.gw.lease_renewal_seconds
-        loop = asyncio.get_running_loop()
-        next_renewal = loop.time() + renew_every
-        stalled = 0.0
-        last_progress = (-1, -1)
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HOUSEKEEPING_SECONDS):
-                    await self.usage_arrived.wait()
-            if self._stopping:
-                return
-            self.usage_arrived.clear()
-            balance = await self.charge_pending()
-            if self._stopping:
-                return
-            if balance is not None and balance.overdrawn(tenant.limits):
-                self.end(BUDGET_EXHAUSTED)
-            self.publish_counters()
-            r = self.relay
-            progress = (r.client_messages, r.upstream_messages)
-            blocked = r.sending_to_client or r.sending_to_upstream
-            stalled = stalled + HOUSEKEEPING_SECONDS if blocked and progress == last_progress else 0
-            last_progress = progress
-            if stalled >= send_timeout:
-                self.end(SLOW_CONSUMER)
-            if loop.time() >= next_renewal:
-                next_renewal = loop.time() + renew_every
-                try:
-                    balance = await self.gw.limiter.renew(self.admitted.lease, tenant.limits)
-                except LimiterUnavailable as exc:
-                    self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
-                else:
-                    if not self._stopping and balance.overdrawn(tenant.limits):
-                        self.end(BUDGET_EXHAUSTED)
-
-    async def stop_housekeeping(self, keeper: asyncio.Task[None]) -> None:
-        """End ``keeper``, the task running :meth:`housekeeping`, waiting at most
-        :data:`HOUSEKEEPING_STOP_SECONDS` for it.
-
-        Sets the stop flag, then cancels the task, and cancels it again every
-        :data:`HOUSEKEEPING_RECANCEL_SECONDS` while it runs: a single cancellation can
-        be lost inside a library call (redis-py's ``asyncio.wait_for`` on Python 3.11,
-        defect D5), and the flag ends the loop at its next check anyway.  A task still
-        running at the bound is left to end by itself and logged
-        (``session.housekeeping_stuck``); a task that failed is logged
-        (``session.housekeeping_failed``).
-
-        Never raises.  A cancellation of the caller while it waits is absorbed (the
-        wait goes on, within the same bound), so the session's cleanup that follows
-        still runs.
-        """
-        self._stopping = True
-        self.usage_arrived.set()  # wake the loop if it is waiting for usage
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HOUSEKEEPING_STOP_SECONDS
-        while not keeper.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                log.warning("session.housekeeping_stuck", session_id=self.session_id,
-                            waited_s=HOUSEKEEPING_STOP_SECONDS)
-                return
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({keeper}, timeout=min(HOUSEKEEPING_RECANCEL_SECONDS,
-                                                         remaining))
-        if not keeper.cancelled() and (error := keeper.exception()) is not None:
-            log.error("session.housekeeping_failed", session_id=self.session_id,
-                      exc_info=error)
 
 async def handle(gw: Gateway, scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """Serve one WebSocket upgrade on a realtime path, from ``websocket.connect`` to close."""
@@ -534,14 +474,12 @@ async def run_session(gw: Gateway, live: LiveSession) -> None:
     if principal.expires_at is not None:
         timers.append(loop.call_later(max(0.0, principal.expires_at - time.time()),
                                       live.end, TOKEN_EXPIRED))
-    keeper = asyncio.create_task(live.housekeeping())
     result: RelayResult | None = None
     try:
         result = await relay.run()
     finally:
         for timer in timers:
             timer.cancel()
-        await live.stop_housekeeping(keeper)  # bounded: never waits forever (D5)
         gw.unregister(live)
         await live.charge_pending()
         live.publish_counters()

@@ -1,5 +1,6 @@
-"""Stopping a session's housekeeping task (defect D5): bounded, even when a cancellation is
-lost inside a limiter call."""
+"""The gateway-wide housekeeping tick (gateway.housekeeping): one limiter charge per tenant,
+lease renewals, the send deadline, and a stop that is bounded even when a cancellation is
+lost inside a limiter call (defect D5)."""
 
 from __future__ import annotations
 
@@ -11,77 +12,171 @@ from typing import Any, cast
 
 import pytest
 
-from gateway import session as session_module
-from gateway.limits.base import Balance
+from gateway import housekeeping as housekeeping_module
+from gateway.config import LimitsConfig
+from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, SessionEnd
+from gateway.housekeeping import Housekeeper
+from gateway.limits.base import Balance, Lease
+from gateway.metrics import Metrics
 from gateway.session import LiveSession
 from gateway.usage import TokenCounts
+from tests.support.gateway import wait_for
 
 
-class SwallowingLimiter:
-    """A limiter whose calls lose every cancellation that reaches them, as redis-py's
-    ``asyncio.wait_for`` write could on Python 3.11."""
+class RecordingLimiter:
+    """Records charges and renewals; answers with ``balance``. With ``swallow`` its calls
+    lose every cancellation that reaches them, as redis-py's ``asyncio.wait_for`` write
+    could on Python 3.11."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, balance: float | None = None, *, swallow: bool = False) -> None:
+        self.balance = balance
+        self.swallow = swallow
+        self.charges: list[tuple[str, int]] = []
+        self.renewals: list[str] = []
         self.swallowed = 0
 
-    async def _call(self) -> Balance:
-        self.calls += 1
-        try:
-            await asyncio.sleep(0.05)
-        except asyncio.CancelledError:
-            self.swallowed += 1
-        return Balance(None)
+    async def _answer(self) -> Balance:
+        if self.swallow:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                self.swallowed += 1
+        return Balance(self.balance)
 
-    async def charge(self, tenant: str, limits: object, tokens: int) -> Balance:
-        return await self._call()
+    async def charge(self, tenant: str, limits: LimitsConfig, tokens: int) -> Balance:
+        self.charges.append((tenant, tokens))
+        return await self._answer()
 
-    async def renew(self, lease: object, limits: object) -> Balance:
-        return await self._call()
+    async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
+        self.renewals.append(lease.session_id)
+        return await self._answer()
 
 
-def live_session(limiter: SwallowingLimiter) -> LiveSession:
-    limits = SimpleNamespace(tokens_per_minute=10**6)
-    gw = SimpleNamespace(
-        config=SimpleNamespace(server=SimpleNamespace(send_timeout_seconds=30.0)),
-        lease_renewal_seconds=0.0,  # renew on every round
-        limiter=limiter,
-        metrics=SimpleNamespace(tokens_total=SimpleNamespace(
-            labels=lambda *_: SimpleNamespace(inc=lambda _: None))),
-    )
+class FakeRelay:
+    def __init__(self) -> None:
+        self.client_messages = self.client_bytes = 0
+        self.upstream_messages = self.upstream_bytes = 0
+        self.sending_to_client = self.sending_to_upstream = False
+        self.ended: list[SessionEnd] = []
+
+    def end(self, cause: SessionEnd) -> None:
+        self.ended.append(cause)
+
+
+def fake_gateway(limiter: RecordingLimiter, *, renew_every: float = 3600.0,
+                 send_timeout: float = 30.0) -> Any:
+    return SimpleNamespace(
+        config=SimpleNamespace(server=SimpleNamespace(send_timeout_seconds=send_timeout)),
+        lease_renewal_seconds=renew_every, limiter=limiter, metrics=Metrics(),
+        sessions=set())
+
+
+def add_session(gw: Any, tenant: str, session_id: str, *,
+                tokens_per_minute: int | None = 1000) -> tuple[LiveSession, FakeRelay]:
+    limits = LimitsConfig(tokens_per_minute=tokens_per_minute)
     admitted = SimpleNamespace(
-        principal=SimpleNamespace(tenant=SimpleNamespace(id="acme", limits=limits)),
-        model="gpt-realtime", lease=object())
-    live = LiveSession(gw=cast(Any, gw), admitted=cast(Any, admitted), session_id="s1",
+        principal=SimpleNamespace(tenant=SimpleNamespace(id=tenant, limits=limits)),
+        model="gpt-realtime", route=SimpleNamespace(upstream="openai"),
+        lease=Lease(tenant, "user", session_id))
+    live = LiveSession(gw=gw, admitted=cast(Any, admitted), session_id=session_id,
                        peer="127.0.0.1:1")
-    live.relay = cast(Any, SimpleNamespace(
-        client_messages=0, upstream_messages=0, sending_to_client=False,
-        sending_to_upstream=False, end=lambda cause: None))
-    live.publish_counters = lambda: None  # type: ignore[method-assign]
-    return live
+    relay = FakeRelay()
+    live.relay = cast(Any, relay)
+    gw.sessions.add(live)
+    return live, relay
 
 
-async def test_a_lost_cancellation_does_not_keep_housekeeping_alive() -> None:
-    limiter = SwallowingLimiter()
-    live = live_session(limiter)
-    keeper = asyncio.create_task(live.housekeeping())
-    for _ in range(20):  # stop it at many moments, mostly inside a limiter call
-        live.on_usage(TokenCounts(billable=1))
-        await asyncio.sleep(0.013)
-        if limiter.calls:
-            break
+def tokens_total(gw: Any, tenant: str) -> float:
+    value = gw.metrics.registry.get_sample_value(
+        "realtime_gateway_tokens_total",
+        {"tenant": tenant, "model": "gpt-realtime", "kind": "output_audio"})
+    return value or 0.0
+
+
+async def test_usage_is_charged_once_per_tenant_per_tick() -> None:
+    limiter = RecordingLimiter(balance=500)
+    gw = fake_gateway(limiter)
+    sessions = {name: add_session(gw, tenant, name, **kwargs) for name, tenant, kwargs in [
+        ("a1", "a", {}), ("a2", "a", {}), ("a3", "a", {}), ("b1", "b", {}),
+        ("c1", "c", {"tokens_per_minute": None})]}
+    for name, tokens in [("a1", 10), ("a2", 20), ("b1", 5), ("c1", 7)]:
+        sessions[name][0].on_usage(TokenCounts(output_audio=tokens, billable=tokens))
+    sessions["a1"][0].on_usage(TokenCounts(output_audio=1, billable=1))
+    await Housekeeper(gw).tick()
+    assert sorted(limiter.charges) == [("a", 31), ("b", 5)]  # c has no budget to charge
+    assert [tokens_total(gw, t) for t in "abc"] == [31, 5, 7]  # but its usage is counted
+    await Housekeeper(gw).tick()
+    assert len(limiter.charges) == 2  # nothing new, no call
+
+
+async def test_an_overdrawn_charge_ends_the_sessions_it_charged() -> None:
+    limiter = RecordingLimiter(balance=-10**9)
+    gw = fake_gateway(limiter)
+    (spender, spender_relay), (_, idle_relay) = (add_session(gw, "a", "s1"),
+                                                 add_session(gw, "a", "s2"))
+    spender.on_usage(TokenCounts(billable=100))
+    await Housekeeper(gw).tick()
+    assert spender_relay.ended == [BUDGET_EXHAUSTED]
+    assert idle_relay.ended == []  # its renewal will end it, once due
+
+
+async def test_due_leases_are_renewed_and_an_overdrawn_renewal_ends_the_session() -> None:
+    limiter = RecordingLimiter(balance=-10**9)
+    gw = fake_gateway(limiter, renew_every=0.0)
+    _, relay = add_session(gw, "a", "s1")
+    await Housekeeper(gw).tick()
+    assert limiter.renewals == ["s1"] and relay.ended == [BUDGET_EXHAUSTED]
+    gw.lease_renewal_seconds = 3600.0
+    await Housekeeper(gw).tick()  # renewed now: not due again before the next renewal time
+    await Housekeeper(gw).tick()
+    assert limiter.renewals == ["s1", "s1"]
+
+
+async def test_a_blocked_session_ends_after_the_send_deadline() -> None:
+    gw = fake_gateway(RecordingLimiter(), send_timeout=3.0)
+    _, relay = add_session(gw, "a", "s1")
+    keeper = Housekeeper(gw, interval=1.0)
+    relay.sending_to_client = True
+    for _ in range(4):  # the first tick sees the progress; three more without any
+        assert relay.ended == []
+        await keeper.tick()
+    assert relay.ended == [SLOW_CONSUMER]
+    relay.upstream_messages += 1  # progress resets the count
+    relay.ended.clear()
+    await keeper.tick()
+    assert relay.ended == []
+
+
+async def test_counters_are_published_as_deltas() -> None:
+    gw = fake_gateway(RecordingLimiter())
+    _, relay = add_session(gw, "a", "s1")
+    relay.client_messages, relay.upstream_bytes = 3, 100
+    await Housekeeper(gw).tick()
+    relay.client_messages = 5
+    await Housekeeper(gw).tick()
+    sample = gw.metrics.registry.get_sample_value
+    assert sample("realtime_gateway_messages_total", {"direction": "client_to_upstream"}) == 5
+    assert sample("realtime_gateway_message_bytes_total",
+                  {"direction": "upstream_to_client"}) == 100
+
+
+async def test_a_lost_cancellation_does_not_keep_the_loop_alive() -> None:
+    limiter = RecordingLimiter(balance=500, swallow=True)
+    gw = fake_gateway(limiter, renew_every=0.0)
+    add_session(gw, "a", "s1")
+    keeper = Housekeeper(gw, interval=0.001)
+    keeper.start()
+    await wait_for(lambda: limiter.renewals, within=5)  # stopped inside a limiter call
     started = time.monotonic()
-    await live.stop_housekeeping(keeper)
-    assert keeper.done()
+    await keeper.stop()
     assert time.monotonic() - started < 0.5  # one limiter call at most, not the bound
     assert limiter.swallowed >= 1
 
 
-async def test_a_task_that_never_ends_is_given_up_within_the_bound(
+async def test_a_loop_that_never_ends_is_given_up_within_the_bound(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "HOUSEKEEPING_STOP_SECONDS", 0.3)
-    live = live_session(SwallowingLimiter())
-
+    monkeypatch.setattr(housekeeping_module, "STOP_SECONDS", 0.3)
+    keeper = Housekeeper(fake_gateway(RecordingLimiter()))
     holding = True
 
     async def immortal() -> None:  # loses every cancellation while ``holding``
@@ -89,32 +184,13 @@ async def test_a_task_that_never_ends_is_given_up_within_the_bound(
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(10)
 
-    keeper = asyncio.create_task(immortal())
+    task = keeper._task = asyncio.create_task(immortal())
     await asyncio.sleep(0)
     started = time.monotonic()
-    await live.stop_housekeeping(keeper)
+    await keeper.stop()
     assert 0.3 <= time.monotonic() - started < 0.6
-    assert not keeper.done()
+    assert not task.done()
     holding = False
-    keeper.cancel()
-    await asyncio.wait({keeper}, timeout=1)
-    assert keeper.done()
-
-
-async def test_the_stop_survives_a_cancellation_of_its_caller() -> None:
-    """The session's cleanup after the stop must run even if the session task is
-    cancelled while it waits."""
-    live = live_session(SwallowingLimiter())
-    keeper = asyncio.create_task(live.housekeeping())
-    await asyncio.sleep(0.01)
-    cleaned_up = asyncio.Event()
-
-    async def session_end() -> None:
-        await live.stop_housekeeping(keeper)
-        cleaned_up.set()
-
-    ender = asyncio.create_task(session_end())
-    await asyncio.sleep(0)
-    ender.cancel()
-    await asyncio.wait({ender}, timeout=1)
-    assert cleaned_up.is_set() and keeper.done()
+    task.cancel()
+    await asyncio.wait({task}, timeout=1)
+    assert task.done()

@@ -25,7 +25,7 @@ Redis error or timeout becomes :class:`~gateway.limits.base.LimiterUnavailable`.
 redis-py's own command timeout (``socket_timeout``) is disabled: redis-py writes each
 command under ``asyncio.wait_for`` when it is set, and on Python 3.11 ``wait_for``
 can lose a cancellation that arrives as the write completes, so a cancelled caller
-(a session's housekeeping task) would carry on (defect D5).  The connection pool is
+(the housekeeping loop) would carry on (defect D5).  The connection pool is
 bounded (``max_connections``); a caller waits for a free connection at most
 ``timeout_seconds``.  A cancelled or timed-out call closes its connection (redis-py
 never returns a connection with a half-written command or an unread reply to the pool).

@@ -399,7 +399,7 @@ _SESSION_MODULES = tuple(str(Path(create_app.__code__.co_filename).with_name(nam
 
 def session_tasks() -> list[str]:
     """Names of the live tasks that belong to gateway sessions: uvicorn's per-connection
-    ASGI task, the relay's pumps and the session's housekeeping."""
+    ASGI task and the session task (relay.run and the accounting after it)."""
     found = []
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)

@@ -231,9 +231,9 @@ async def test_redis_flushall_mid_session_is_repaired_by_renewal(
 
 async def test_cancelling_a_task_inside_a_redis_call_ends_it(
         emulator: Emulator, key_file: Path, proxy: FaultProxy) -> None:
-    """A session's housekeeping task is cancelled when the session ends, often while it is
-    inside a limiter call.  Cancelled at random moments of a Redis call, 300 times, the
-    task must end every time."""
+    """A task doing limiter calls (the gateway's housekeeping loop) is cancelled at shutdown,
+    often while it is inside a limiter call.  Cancelled at random moments of a Redis call,
+    300 times, the task must end every time."""
     config = redis_config(emulator, key_file, proxy)
     gateway = build(config)
     tenant = config.tenants[0]
@@ -242,7 +242,7 @@ async def test_cancelling_a_task_inside_a_redis_call_ends_it(
     try:
         for _ in range(300):
             async def keep_charging() -> None:
-                while True:  # what LiveSession.housekeeping does, without the pauses
+                while True:  # what the housekeeping loop does, without the pauses
                     await gateway.limiter.charge("acme", tenant.limits, 1)
             task = asyncio.create_task(keep_charging())
             await asyncio.sleep(rng.random() * 0.003)  # the moment of the cancel is the test
