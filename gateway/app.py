@@ -38,6 +38,10 @@ log = get_logger(__name__)
 DEFAULT_LEASE_SECONDS = 30.0
 RETRY_AFTER_UNAVAILABLE = 5.0
 """Seconds suggested to clients refused with 503 (draining, replica full, limiter down)."""
+RELEASE_ATTEMPTS = 3
+"""Tries to free a lease at a session's end before leaving it to expire."""
+RELEASE_RETRY_SECONDS = 0.2
+"""Seconds between two tries (a Redis timeout is usually a burst of load)."""
 
 
 class Gateway:
@@ -93,11 +97,17 @@ class Gateway:
                               retry_after=RETRY_AFTER_UNAVAILABLE, reason="limiter") from None
 
     async def release(self, lease: Lease) -> None:
-        """Free a lease; a limiter error is counted (the lease then expires by itself)."""
-        try:
-            await self.limiter.release(lease)
-        except LimiterUnavailable as exc:
-            self.metrics.limiter_errors_total.labels(exc.operation).inc()
+        """Free a lease, trying :data:`RELEASE_ATTEMPTS` times :data:`RELEASE_RETRY_SECONDS`
+        apart; each limiter error is counted, and a lease that could not be freed expires
+        by itself (``redis.lease_seconds``) — until then the user's slot stays taken."""
+        for attempt in range(RELEASE_ATTEMPTS):
+            try:
+                await self.limiter.release(lease)
+                return
+            except LimiterUnavailable as exc:
+                self.metrics.limiter_errors_total.labels(exc.operation).inc()
+            if attempt + 1 < RELEASE_ATTEMPTS:
+                await asyncio.sleep(RELEASE_RETRY_SECONDS)
 
     def register(self, session: LiveSession) -> None:
         """Count ``session`` as live (for the drain and ``server.max_sessions``)."""

@@ -9,8 +9,10 @@ sessions (:attr:`gateway.app.Gateway.sessions`):
 3. charges the usage the relays tapped since the last tick — summed per tenant, one
    limiter call per tenant, not one per session; when the tenant's balance is overdrawn
    the sessions whose usage was in that charge end (``budget_exhausted``, 4429);
-4. renews the leases that are due (every lease/3 seconds, ``redis.lease_seconds``),
-   concurrently; a session whose renewal finds the balance overdrawn ends the same way.
+4. renews the leases that are due (every lease/3 seconds, ``redis.lease_seconds``), at
+   most :data:`RENEWAL_CONCURRENCY` at a time, so that a tick never takes the whole Redis
+   connection pool from admissions and releases; a session whose renewal finds the
+   balance overdrawn ends the same way.
 
 A limiter error is counted (``limiter_errors_total{operation}``) and the tick goes on.
 Per-session tasks would cost each session a task, a timer and one Redis call per usage
@@ -38,6 +40,8 @@ HOUSEKEEPING_SECONDS = 1.0
 """Seconds between two ticks."""
 STOP_SECONDS = 2.0
 """Seconds :meth:`Housekeeper.stop` waits at most for the loop to end."""
+RENEWAL_CONCURRENCY = 8
+"""Lease renewals in flight at once during a tick."""
 RECANCEL_SECONDS = 0.1
 """Seconds between two cancellations of a loop that is still running (a cancellation can
 be lost inside a library call on Python 3.11: defect D5 in docs/security-cases.md)."""
@@ -91,10 +95,11 @@ class Housekeeper:
             if now >= live.next_renewal:
                 live.next_renewal = now + gw.lease_renewal_seconds
                 due.append(live)
+        renewals = asyncio.Semaphore(RENEWAL_CONCURRENCY)
         await asyncio.gather(
             *(self._charge(tenant, sessions, total)
               for tenant, sessions, total in charges.values()),
-            *(self._renew(live) for live in due))
+            *(self._renew(live, renewals) for live in due))
 
     async def _charge(self, tenant: TenantConfig, sessions: list[LiveSession],
                       tokens: int) -> None:
@@ -107,10 +112,13 @@ class Housekeeper:
             for live in sessions:
                 live.end(BUDGET_EXHAUSTED)
 
-    async def _renew(self, live: LiveSession) -> None:
+    async def _renew(self, live: LiveSession, renewals: asyncio.Semaphore) -> None:
         limits = live.admitted.principal.tenant.limits
         try:
-            balance = await self.gw.limiter.renew(live.admitted.lease, limits)
+            async with renewals:
+                if live not in self.gw.sessions:  # ended while waiting: released already
+                    return
+                balance = await self.gw.limiter.renew(live.admitted.lease, limits)
         except LimiterUnavailable as exc:
             self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
             return

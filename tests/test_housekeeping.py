@@ -1,6 +1,6 @@
 """The gateway-wide housekeeping tick (gateway.housekeeping): one limiter charge per tenant,
-lease renewals, the send deadline, and a stop that is bounded even when a cancellation is
-lost inside a limiter call (defect D5)."""
+bounded lease renewals, the send deadline, a stop that is bounded even when a cancellation
+is lost inside a limiter call (defect D5); and the lease release at a session's end."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from typing import Any, cast
 
 import pytest
 
+from gateway import app as app_module
 from gateway import housekeeping as housekeeping_module
+from gateway.app import Gateway
 from gateway.config import LimitsConfig
 from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, SessionEnd
 from gateway.housekeeping import Housekeeper
-from gateway.limits.base import Balance, Lease
+from gateway.limits.base import Balance, Lease, LimiterUnavailable
 from gateway.metrics import Metrics
 from gateway.session import LiveSession
 from gateway.usage import TokenCounts
@@ -194,3 +196,54 @@ async def test_a_loop_that_never_ends_is_given_up_within_the_bound(
     task.cancel()
     await asyncio.wait({task}, timeout=1)
     assert task.done()
+
+
+class SlowRenewals(RecordingLimiter):
+    """Renewals that take a while, recording how many were in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(balance=500)
+        self.in_flight = self.most_in_flight = 0
+
+    async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().renew(lease, limits)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_renewals_leave_the_connection_pool_to_admissions() -> None:
+    limiter = SlowRenewals()
+    gw = fake_gateway(limiter, renew_every=0.0)
+    sessions = [add_session(gw, "a", f"s{i}")[0] for i in range(40)]
+    gw.sessions.discard(sessions[-1])  # ended during the tick: not renewed
+    await Housekeeper(gw).tick()
+    assert len(limiter.renewals) == 39
+    assert limiter.most_in_flight == housekeeping_module.RENEWAL_CONCURRENCY
+
+
+class FlakyRelease:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def release(self, lease: Lease) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise LimiterUnavailable("release", "timeout")
+
+
+@pytest.mark.parametrize(("failures", "calls"), [(0, 1), (2, 3), (5, 3)])
+async def test_a_release_is_tried_three_times(monkeypatch: pytest.MonkeyPatch,
+                                              failures: int, calls: int) -> None:
+    monkeypatch.setattr(app_module, "RELEASE_RETRY_SECONDS", 0.001)
+    limiter = FlakyRelease(failures)
+    gw = SimpleNamespace(limiter=limiter, metrics=Metrics())
+    await Gateway.release(cast(Any, gw), Lease("a", "user", "s1"))
+    assert limiter.calls == calls
+    errors = gw.metrics.registry.get_sample_value(
+        "realtime_gateway_limiter_errors_total", {"operation": "release"})
+    assert (errors or 0) == min(failures, 3)
