@@ -439,8 +439,8 @@ def start_session(gw: Gateway, admitted: Admitted, client: asyncio.Transport,
 
     The upgrade's ASGI task then ends, and with it everything of the handshake (uvicorn's
     protocol object, the request and its headers, the upstream's ``websockets``
-    connection object): a live session holds only what it needs (CONTRACT §5 per-session
-    memory; issue 7's RSS per session).
+    connection object): a live session holds only what it needs (memory per session:
+    ``bench/README.md``).
     """
     upstream = admitted.upstream
     assert upstream is not None
