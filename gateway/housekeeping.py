@@ -116,9 +116,10 @@ class Housekeeper:
         limits = live.admitted.principal.tenant.limits
         try:
             async with renewals:
-                if live not in self.gw.sessions:  # ended while waiting: released already
+                if live not in self.gw.sessions:  # ended while waiting: being released
                     return
-                balance = await self.gw.limiter.renew(live.admitted.lease, limits)
+                with live.renewing():
+                    balance = await self.gw.limiter.renew(live.admitted.lease, limits)
         except LimiterUnavailable as exc:
             self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
             return

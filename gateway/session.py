@@ -16,7 +16,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -52,6 +52,9 @@ REALTIME_PATHS = ("/v1/realtime", "/openai/v1/realtime", AZURE_PREVIEW_PATH,
 MIN_TOKEN_LIFETIME = 1.0
 """Seconds; a token with less left is refused (the session would close at once)."""
 MAX_MODEL_NAME = 128
+RENEWAL_WAIT_SECONDS = 1.0
+"""Seconds a session's end waits at most for its lease renewal in flight (one limiter call,
+itself bounded by ``redis.timeout_seconds``)."""
 MIN_UPSTREAM_MESSAGE_CAP = 16 * 1024 * 1024
 """Bytes; upstream messages up to this size (or ``server.max_message_bytes`` if larger)
 are relayed, a larger one fails the upstream 1009."""
@@ -310,6 +313,7 @@ class LiveSession:
     _published: tuple[int, int, int, int] = (0, 0, 0, 0)
     _blocked: float = 0.0
     _last_progress: tuple[int, int] = (-1, -1)
+    _renewal: asyncio.Future[None] | None = None
 
     def __post_init__(self) -> None:
         self.next_renewal = asyncio.get_running_loop().time() + self.gw.lease_renewal_seconds
@@ -371,6 +375,28 @@ class LiveSession:
         m.messages_upstream_to_client.inc(now[2] - last[2])
         m.bytes_upstream_to_client.inc(now[3] - last[3])
         self._published = now
+
+    @contextlib.contextmanager
+    def renewing(self) -> Iterator[None]:
+        """Marks a lease renewal in flight (see :meth:`renewal_settled`)."""
+        self._renewal = asyncio.get_running_loop().create_future()
+        try:
+            yield
+        finally:
+            self._renewal.set_result(None)
+            self._renewal = None
+
+    async def renewal_settled(self) -> None:
+        """Wait (at most :data:`RENEWAL_WAIT_SECONDS`) for a renewal in flight to finish.
+
+        A renewal re-acquires a lease that is gone (by design, after a Redis restart), so
+        one that lands after the session's release would hold the user's slot until the
+        lease expires: the session's end waits for it before releasing.
+        """
+        if self._renewal is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RENEWAL_WAIT_SECONDS):
+                    await asyncio.shield(self._renewal)
 
     def blocked_for(self, interval: float) -> float:
         """Seconds (counted in steps of ``interval``, the caller's period) for which a send
@@ -480,7 +506,8 @@ async def run_session(gw: Gateway, live: LiveSession) -> None:
     finally:
         for timer in timers:
             timer.cancel()
-        gw.unregister(live)
+        gw.unregister(live)  # the housekeeping loop starts no renewal of it from here on
+        await live.renewal_settled()
         await live.charge_pending()
         live.publish_counters()
         await gw.release(admitted.lease)

@@ -247,3 +247,35 @@ async def test_a_release_is_tried_three_times(monkeypatch: pytest.MonkeyPatch,
     errors = gw.metrics.registry.get_sample_value(
         "realtime_gateway_limiter_errors_total", {"operation": "release"})
     assert (errors or 0) == min(failures, 3)
+
+
+class HeldRenewal(RecordingLimiter):
+    """A renewal that returns only when the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__(balance=500)
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
+        self.started.set()
+        await self.go.wait()
+        return await super().renew(lease, limits)
+
+
+async def test_a_session_end_waits_for_its_renewal_in_flight() -> None:
+    """A renewal re-acquires a lease that is gone; landing after the session's release it
+    would hold the slot until expiry, so the end waits for it (run_session)."""
+    limiter = HeldRenewal()
+    gw = fake_gateway(limiter, renew_every=0.0)
+    live, _ = add_session(gw, "a", "s1")
+    tick = asyncio.create_task(Housekeeper(gw).tick())
+    await asyncio.wait_for(limiter.started.wait(), 5)
+    gw.sessions.discard(live)  # the session ends now, its renewal in flight
+    ending = asyncio.create_task(live.renewal_settled())
+    await asyncio.sleep(0.05)
+    assert not ending.done()  # still waiting for the renewal
+    limiter.go.set()
+    await asyncio.wait_for(ending, 5)
+    assert limiter.renewals == ["s1"]
+    await tick
