@@ -49,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from websockets.exceptions import ProtocolError
+from websockets.frames import Close, Frame, Opcode
 from websockets.speedups import apply_mask
 
 from gateway.errors import UPSTREAM_LOST, SessionEnd
@@ -58,9 +60,10 @@ from gateway.usage import TokenCounts, tap
 log = get_logger(__name__)
 
 Initiator = Literal["client", "upstream", "gateway"]
-Guard = Callable[[str], str | None]
-"""Inspects a client text message that may be a ``session.update``: ``None`` forwards it,
-a string is an ``error`` event sent back to the client instead (the message is dropped)."""
+Guard = Callable[[bytes], str | None]
+"""Inspects a client text message (its UTF-8 bytes) that may be a ``session.update``:
+``None`` forwards it, a string is an ``error`` event sent back to the client instead
+(the message is dropped)."""
 
 MAX_REASON_BYTES = 123
 """RFC 6455 §5.5: a control frame payload is <= 125 bytes, two of them the code."""
@@ -79,8 +82,6 @@ _GUARDED = (b"session.update", b"\\u")
 """A client text message containing either is shown to the guard (``\\u`` because a
 JSON escape can spell ``session.update`` without those bytes)."""
 _USAGE = (b'"response.done"', b"transcription.completed")
-_CLOSE_CODES_SENT_BY_PEERS = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010,
-                                        1011, 1012, 1013, 1014))
 
 
 def clip_reason(reason: str) -> str:
@@ -89,11 +90,6 @@ def clip_reason(reason: str) -> str:
     if len(encoded) <= MAX_REASON_BYTES:
         return reason
     return encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore")
-
-
-def valid_close_code(code: int) -> bool:
-    """Whether a peer may send ``code`` in a close frame (RFC 6455 §7.4, IANA registry)."""
-    return code in _CLOSE_CODES_SENT_BY_PEERS or 3000 <= code <= 4999
 
 
 class _MaskKeys:
@@ -119,26 +115,17 @@ _KEYS = _MaskKeys()
 
 
 def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
-    """One final frame (RFC 6455 §5.2), masked with a fresh key when ``mask``."""
-    n = len(payload)
-    mask_bit = _MASKED if mask else 0
-    if n < 126:
-        head = bytes((_FIN | opcode, mask_bit | n))
-    elif n < 65536:
-        head = bytes((_FIN | opcode, mask_bit | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((_FIN | opcode, mask_bit | 127)) + n.to_bytes(8, "big")
-    if mask:
-        key = _KEYS.next()
-        return head + key + apply_mask(payload, key)
-    return head + payload
+    """One final frame of the gateway's own (RFC 6455 §5.2), masked with a fresh key when
+    ``mask``; encoded by ``websockets``."""
+    return Frame(Opcode(opcode), payload).serialize(mask=mask, extensions=[])
 
 
 def close_payload(code: int, reason: str) -> bytes:
-    """A close frame's payload: the code (none for 1005) and the clipped reason."""
+    """A close frame's payload (RFC 6455 §5.5.1): none for 1005, else the code and the
+    reason clipped to 123 UTF-8 bytes."""
     if code == 1005:
         return b""
-    return code.to_bytes(2, "big") + clip_reason(reason).encode()
+    return Close(code, clip_reason(reason)).serialize()
 
 
 def _header(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
@@ -274,8 +261,8 @@ class _Side(asyncio.Protocol):
                                               self.masked_out))
 
     def send_close(self, code: int, reason: str) -> None:
-        """Start (or answer) the closing handshake; abort the connection if it is not
-        closed within :data:`CLOSE_TIMEOUT` seconds."""
+        """Start (or answer) the closing handshake; :meth:`close_expired` runs if the
+        connection is not closed within :data:`CLOSE_TIMEOUT` seconds."""
         if self.close_sent or self.transport.is_closing():
             return
         self.stop_timers()
@@ -361,23 +348,18 @@ class _Side(asyncio.Protocol):
             self._close_timer = None
 
     def parse_close(self, payload: bytes) -> tuple[int, str] | None:
-        """A close frame's code and reason; ``None`` (after failing the connection 1002 or
-        1007) when the payload is malformed."""
-        if not payload:
-            return 1005, ""
-        if len(payload) < 2:
-            self.fail(1002, "malformed close frame")
-            return None
-        code = int.from_bytes(payload[:2], "big")
-        if not valid_close_code(code):
-            self.fail(1002, "invalid close code")
-            return None
+        """A close frame's code and reason (``websockets``' parser: RFC 6455 §7.4 codes,
+        1005 for an empty payload); ``None`` after failing the connection 1002 (too short,
+        a code peers may not send) or 1007 (a reason that is not UTF-8)."""
         try:
-            reason = payload[2:].decode()
+            close = Close.parse(payload)
         except UnicodeDecodeError:
             self.fail(1007, "invalid UTF-8 in close reason")
             return None
-        return code, reason
+        except ProtocolError:
+            self.fail(1002, "malformed close frame")
+            return None
+        return close.code, close.reason
 
 
 class _ClientSide(_Side):
@@ -498,7 +480,7 @@ class _ClientSide(_Side):
                 return False
         guard = self.guard
         if guard is not None and (_GUARDED[0] in payload or _GUARDED[1] in payload):
-            refusal = guard(payload.decode())
+            refusal = guard(payload)
             if refusal is not None:
                 self.send_frame(OP_TEXT, refusal.encode())
                 return False

@@ -141,6 +141,9 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     "ASGI callable returned without completing handshake".
     """
 
+    handed_off = False
+    """True once :meth:`hand_off` gave the transport away."""
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if not self.handshake_complete:  # the request is a valid upgrade: the app runs
@@ -166,8 +169,6 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self.connections.discard(self)
         self.handed_off = True
         return self.transport
-
-    handed_off = False
 
     async def run_asgi(self) -> None:
         """uvicorn's ``run_asgi``, except that a handed-off transport is not closed when

@@ -19,7 +19,7 @@ from websockets.protocol import CLIENT, SERVER, Protocol
 
 from gateway import relay as relay_module
 from gateway.errors import SLOW_CONSUMER
-from gateway.relay import Relay, RelayResult, valid_close_code
+from gateway.relay import Relay, RelayResult
 from gateway.usage import TokenCounts
 from tests.support.gateway import wait_for
 
@@ -240,16 +240,16 @@ async def test_usage_events_are_tapped_and_other_frames_are_not_parsed() -> None
     b'{"type":"session\\u002eupdate","session":{"model":"other"}}',
 ])
 async def test_guard_sees_every_possible_session_update(frame: bytes) -> None:
-    seen: list[str] = []
+    seen: list[bytes] = []
 
-    def guard(text: str) -> str | None:
+    def guard(text: bytes) -> str | None:
         seen.append(text)
         return '{"type":"error"}'
 
     h = await harness(guard=guard)
     h.from_client(client_frames(Frame(Opcode.TEXT, frame),
                                 Frame(Opcode.TEXT, b'{"type":"input_audio_buffer.append"}')))
-    assert seen == [frame.decode()]
+    assert seen == [frame]
     [relayed] = parsed(h.upstream.received(), sent_by_client=True)
     assert bytes(relayed.data) == b'{"type":"input_audio_buffer.append"}'
     [error] = parsed(h.client.received(), sent_by_client=False)
@@ -257,7 +257,7 @@ async def test_guard_sees_every_possible_session_update(frame: bytes) -> None:
 
 
 async def test_fragmented_session_update_is_guarded_as_a_whole() -> None:
-    h = await harness(guard=lambda text: '{"type":"error"}' if "other" in text else None)
+    h = await harness(guard=lambda text: '{"type":"error"}' if b"other" in text else None)
     h.from_client(client_frames(Frame(Opcode.TEXT, b'{"type":"session.upd', fin=False),
                                 Frame(Opcode.CONT, b'ate","session":{"model":"other"}}')))
     assert h.upstream.writes == []
@@ -343,9 +343,15 @@ async def test_keepalive_finds_a_silent_upstream() -> None:
     assert Close.parse(bytes(frames[-1].data)).code == 1011
 
 
-def test_close_codes_peers_may_send() -> None:
-    assert [c for c in (999, 1000, 1004, 1005, 1006, 1012, 1015, 2999, 3000, 4999, 5000)
-            if valid_close_code(c)] == [1000, 1012, 3000, 4999]
+@pytest.mark.parametrize(("code", "allowed"), [
+    (999, False), (1000, True), (1004, False), (1005, False), (1006, False), (1012, True),
+    (1015, False), (2999, False), (3000, True), (4999, True), (5000, False)])
+async def test_close_codes_peers_may_send(code: int, allowed: bool) -> None:
+    """RFC 6455 §7.4: a close frame with a code peers may not send fails the client 1002."""
+    h = await harness()
+    h.from_client(raw_client_frame(0x88, code.to_bytes(2, "big") + b"bye"))
+    result = await h.result()
+    assert (result.initiator, result.code) == ("client", code if allowed else 1002)
 
 
 async def test_a_client_that_has_not_read_its_close_lingers_then_is_aborted(
