@@ -301,18 +301,21 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
                                f"environment variable {introspection.client_secret_env} "
                                "is not set"))
             object.__setattr__(introspection, "_client_secret", secret)
-        if tenant.auth.dev_issuer is not None and not _is_loopback(config.server.host):
+        if tenant.auth.dev_issuer is not None and not is_loopback_host(config.server.host):
             errors.append((f"tenants.{index}.auth.dev_issuer",
                            "a development issuer is allowed only when server.host is a "
                            "loopback address"))
     return errors
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """``True`` for ``localhost`` and loopback IP literals (127.0.0.0/8, ``::1``, with or
+    without brackets): the one loopback rule of the gateway (dev issuers, plain-HTTP key
+    endpoints, the demo's token endpoint)."""
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

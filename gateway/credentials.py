@@ -27,8 +27,9 @@ from gateway.errors import InvalidRequest, MissingCredentials
 BEARER_SUBPROTOCOL_PREFIX = "Bearer-"
 INSECURE_KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 REALTIME_SUBPROTOCOL = "realtime"
-MAX_TOKEN_LENGTH = 16 * 1024
-"""Bytes; longer credentials are refused as malformed before any parsing."""
+MAX_TOKEN_BYTES = 16 * 1024
+"""Largest bearer token accepted (JWT, opaque or client secret), in bytes: a longer
+credential is refused as malformed before any parsing, here and in :mod:`gateway.auth`."""
 
 Carrier = Literal["authorization", "bearer_subprotocol", "insecure_key_subprotocol", "api_key"]
 
@@ -59,7 +60,7 @@ def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[
 
 def _checked(token: str) -> str:
     token = token.strip()
-    if not token or len(token) > MAX_TOKEN_LENGTH or any(c.isspace() for c in token):
+    if not token or len(token) > MAX_TOKEN_BYTES or any(c.isspace() for c in token):
         raise MissingCredentials("the credential is malformed")
     return token
 

@@ -20,7 +20,6 @@ The token is never logged; the page keeps it in memory only.
 
 from __future__ import annotations
 
-import ipaddress
 from importlib import resources
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway.auth.dev_issuer import DevIssuer
-from gateway.config import TenantConfig
+from gateway.config import TenantConfig, is_loopback_host
+from gateway.errors import Forbidden
 
 DEMO_PATH = "/language-model-service/ws/v1/open-ai/realtime"
 """The WebSocket path the demo page opens (Foundry shape, ``Bearer-`` subprotocol)."""
@@ -51,15 +51,6 @@ def static_dir() -> Path:
     return Path(str(resources.files("gateway") / "static"))
 
 
-def _is_loopback_address(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_name(host_header: str) -> str:
     """The host part of a ``Host`` header value (``[::1]:8080`` → ``[::1]``)."""
     if host_header.startswith("["):
@@ -70,7 +61,7 @@ def _host_name(host_header: str) -> str:
 def is_local_request(request: Request) -> bool:
     """True when ``request`` comes from a loopback address, names a loopback host, and
     carries no ``Origin`` other than its own (``http://<Host>``)."""
-    if not _is_loopback_address(request.client.host if request.client else None):
+    if request.client is None or not is_loopback_host(request.client.host):
         return False
     host = request.headers.get("host", "")
     if _host_name(host).lower() not in LOOPBACK_NAMES:
@@ -104,10 +95,9 @@ def demo_routes(issuer: DevIssuer, tenant: TenantConfig, *, model: str,
 
     async def token(request: Request) -> Response:
         if not is_local_request(request):
-            return JSONResponse(
-                {"error": {"type": "gateway_error", "code": "forbidden",
-                           "message": "development tokens are handed out to loopback only"}},
-                status_code=403, headers=_NO_STORE)
+            refusal = Forbidden("development tokens are handed out to loopback only")
+            return Response(refusal.http_body(), status_code=refusal.http_status,
+                            headers={**refusal.http_headers(), **_NO_STORE})
         value = issuer.mint(issuer=tenant.auth.issuer, audience=audience, sub=DEMO_SUBJECT,
                             scope=tenant.auth.required_scope, ttl_seconds=token_ttl_seconds)
         return JSONResponse({"token": value, "expires_in": token_ttl_seconds, "model": model,

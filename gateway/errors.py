@@ -18,6 +18,7 @@ claim value.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from typing import ClassVar
@@ -90,7 +91,7 @@ class GatewayError(Exception):
         if self.www_authenticate is not None:
             headers["www-authenticate"] = self.www_authenticate
         if self.retry_after is not None:
-            headers["retry-after"] = str(max(1, _ceil(self.retry_after)))
+            headers["retry-after"] = str(max(1, math.ceil(self.retry_after)))
         return headers
 
     def http_body(self) -> bytes:
@@ -101,11 +102,6 @@ class GatewayError(Exception):
     def error_event(self) -> str:
         """The Realtime ``error`` event sent to subprotocol clients before the close."""
         return error_event(self.code, self.message)
-
-
-def _ceil(value: float) -> int:
-    whole = int(value)
-    return whole if whole == value else whole + 1
 
 
 class InvalidRequest(GatewayError):

@@ -30,7 +30,6 @@ from gateway.auth.dev_issuer import DevIssuer
 from gateway.auth.introspection import Introspector
 from gateway.auth.jwks import FETCH_TIMEOUT_SECONDS, JwksCache, build_source, require_secure_url
 from gateway.auth.jwt import (
-    MAX_TOKEN_BYTES,
     MSG_EXPIRED,
     MSG_INVALID,
     JwtValidator,
@@ -39,6 +38,7 @@ from gateway.auth.jwt import (
     parse_unverified,
 )
 from gateway.config import Config, ConfigError, TenantConfig
+from gateway.credentials import MAX_TOKEN_BYTES
 from gateway.errors import InvalidToken, Unavailable
 
 if TYPE_CHECKING:  # imported when a tenant's keys come from a URL (memory at rest)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import json
 import math
 import random
@@ -38,6 +37,7 @@ from urllib.parse import urlsplit
 import structlog
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from gateway.config import is_loopback_host
 from gateway.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -85,16 +85,6 @@ def require_secure_url(url: str) -> None:
     if parts.scheme == "http" and is_loopback_host(parts.hostname):
         return
     raise ValueError("must be an https:// URL (http:// is allowed only for loopback hosts)")
-
-
-def is_loopback_host(host: str) -> bool:
-    """``True`` for ``localhost`` and loopback IP literals (127.0.0.0/8, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def kid_hash(kid: str | None) -> str:
@@ -604,7 +594,6 @@ __all__ = [
     "UrlJwksSource",
     "build_source",
     "fetch_json",
-    "is_loopback_host",
     "kid_hash",
     "parse_cache_control",
     "parse_jwks",

@@ -39,10 +39,9 @@ from joserfc.jws import JWSRegistry
 
 from gateway.auth.jwks import MAX_KID_LENGTH, PublicKey
 from gateway.config import AuthConfig
+from gateway.credentials import MAX_TOKEN_BYTES
 from gateway.errors import InsufficientScope, InvalidToken
 
-MAX_TOKEN_BYTES = 16 * 1024
-"""Largest bearer token accepted, in bytes (JWT or opaque)."""
 MAX_HEADER_BYTES = 8 * 1024
 """Largest base64url JOSE header segment (room for an ``x5c`` chain, which is ignored)."""
 MAX_PAYLOAD_BYTES = MAX_TOKEN_BYTES
@@ -250,7 +249,6 @@ class JwtValidator:
 
 
 __all__ = [
-    "MAX_TOKEN_BYTES",
     "MSG_EXPIRED",
     "MSG_INVALID",
     "MSG_SCOPE",
