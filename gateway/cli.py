@@ -148,7 +148,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
 
 
 async def _dev(port: int) -> None:
-    from gateway.auth.dev_issuer import DevIssuer
+    from gateway.app import build_gateway
     from gateway.demo import demo_routes
     from gateway.emulator import Emulator
     from gateway.logs import configure_logging
@@ -171,7 +171,9 @@ async def _dev(port: int) -> None:
                         key_file=key_file)
     configure_logging("info", "console", secrets=_secrets_of(config))
     tenant = config.tenants[0]
-    issuer = DevIssuer(key_file)
+    gateway = build_gateway(config)
+    issuer = gateway.services.authenticator.dev_issuer(tenant.id)
+    assert issuer is not None  # dev_config gives its one tenant a development issuer
     token = issuer.mint(
         issuer=tenant.auth.issuer, audience=DEV_AUDIENCE, sub="dev-user",
         scope=tenant.auth.required_scope, ttl_seconds=3600)
@@ -180,7 +182,7 @@ async def _dev(port: int) -> None:
     print(f"Voice demo (microphone, in a browser): http://127.0.0.1:{port}/\n", flush=True)
     demo = demo_routes(issuer, tenant, model=DEV_MODELS[0])
     try:
-        await serve(config, Listeners("127.0.0.1", port, 0), extra_routes=demo)
+        await serve(config, Listeners("127.0.0.1", port, 0), extra_routes=demo, gateway=gateway)
     finally:
         if emulator is not None:
             await emulator.__aexit__(None, None, None)

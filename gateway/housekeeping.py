@@ -1,7 +1,7 @@
 """One timer for every live session: counters, send deadlines, usage charges, lease renewals.
 
 Every :data:`HOUSEKEEPING_SECONDS` the :class:`Housekeeper` of a gateway, for its live
-sessions (:attr:`gateway.app.Gateway.sessions`):
+sessions (:attr:`gateway.registry.Registry.sessions`):
 
 1. publishes each relay's counters to the Prometheus counters (CONTRACT §6);
 2. ends a session whose sends have been blocked with no progress for
@@ -9,12 +9,16 @@ sessions (:attr:`gateway.app.Gateway.sessions`):
 3. charges the usage the relays tapped since the last tick — summed per tenant, one
    limiter call per tenant, not one per session; when the tenant's balance is overdrawn
    the sessions whose usage was in that charge end (``budget_exhausted``, 4429);
-4. renews the leases that are due (every lease/3 seconds, ``redis.lease_seconds``), at
-   most :data:`RENEWAL_CONCURRENCY` at a time, so that a tick never takes the whole Redis
-   connection pool from admissions and releases; a session whose renewal finds the
-   balance overdrawn ends the same way.
+4. renews the leases that are due (every ``limiter.renewal_interval`` seconds, a third of
+   ``redis.lease_seconds``), at most :data:`RENEWAL_CONCURRENCY` at a time, so that a tick
+   never takes the whole Redis connection pool from admissions and releases; a session
+   whose renewal finds the balance overdrawn ends the same way.
 
-A limiter error is counted (``limiter_errors_total{operation}``) and the tick goes on.
+A renewal re-acquires a lease that is gone (by design, after a Redis restart), so one that
+lands after the session's release would hold the user's slot until the lease expires: the
+housekeeper tracks the renewals in flight, and a session's end waits for its own
+(:meth:`Housekeeper.settle`) before releasing.  What a limiter failure means is decided by
+the limiter (:mod:`gateway.limits.failover`), not here.
 Per-session tasks would cost each session a task, a timer and one Redis call per usage
 event (14 % of the CPU of the relay at 200 sessions, ``bench/README.md``).
 """
@@ -23,16 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
 
 from gateway.config import TenantConfig
 from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER
-from gateway.limits.base import LimiterUnavailable
 from gateway.logs import get_logger
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-    from gateway.session import LiveSession
+from gateway.registry import LiveSession, Registry
+from gateway.services import Services
 
 log = get_logger(__name__)
 
@@ -42,19 +42,32 @@ STOP_SECONDS = 2.0
 """Seconds :meth:`Housekeeper.stop` waits at most for the loop to end."""
 RENEWAL_CONCURRENCY = 8
 """Lease renewals in flight at once during a tick."""
+RENEWAL_WAIT_SECONDS = 1.0
+"""Seconds a session's end waits at most for its lease renewal in flight (one limiter call,
+itself bounded by ``redis.timeout_seconds``)."""
 RECANCEL_SECONDS = 0.1
 """Seconds between two cancellations of a loop that is still running (a cancellation can
 be lost inside a library call on Python 3.11: defect D5 in docs/security-cases.md)."""
 
 
 class Housekeeper:
-    """The gateway's housekeeping loop (see the module docstring)."""
+    """The gateway's housekeeping loop (see the module docstring) over ``registry``.
 
-    def __init__(self, gw: Gateway, interval: float = HOUSEKEEPING_SECONDS) -> None:
-        self.gw = gw
+    ``interval`` is the tick period in seconds.
+    """
+
+    def __init__(self, services: Services, registry: Registry,
+                 interval: float = HOUSEKEEPING_SECONDS) -> None:
         self.interval = interval
+        self._limiter = services.limiter
+        self._send_timeout = services.config.server.send_timeout_seconds
+        self._registry = registry
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._due: dict[LiveSession, float] = {}
+        """Loop time (seconds) at which each session's lease is next renewed."""
+        self._renewing: dict[LiveSession, asyncio.Future[None]] = {}
+        """Renewals in flight, resolved when they finish."""
 
     def start(self) -> None:
         """Start the loop in a task of its own (idempotent)."""
@@ -76,24 +89,27 @@ class Housekeeper:
 
     async def tick(self) -> None:
         """One round over the live sessions (steps 1 to 4 of the module docstring)."""
-        gw = self.gw
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        send_timeout = gw.config.server.send_timeout_seconds
+        now = asyncio.get_running_loop().time()
+        renewal = self._limiter.renewal_interval
         charges: dict[str, tuple[TenantConfig, list[LiveSession], int]] = {}
         due: list[LiveSession] = []
-        for live in list(gw.sessions):
+        live_now = self._registry.sessions
+        for gone in self._due.keys() - live_now:
+            del self._due[gone]
+        for live in live_now:
             live.publish_counters()
-            if live.blocked_for(self.interval) >= send_timeout:
+            if live.blocked_for(self.interval) >= self._send_timeout:
                 live.end(SLOW_CONSUMER)
-            tokens = live.take_pending()
-            tenant = live.admitted.principal.tenant
+            account = live.account
+            tokens = account.take_pending()
+            tenant = account.tenant
             if tokens and tenant.limits.tokens_per_minute is not None:
                 _, sessions, total = charges.get(tenant.id, (tenant, [], 0))
                 sessions.append(live)
                 charges[tenant.id] = (tenant, sessions, total + tokens)
-            if now >= live.next_renewal:
-                live.next_renewal = now + gw.lease_renewal_seconds
+            next_renewal = self._due.setdefault(live, now + renewal)
+            if now >= next_renewal:
+                self._due[live] = now + renewal
                 due.append(live)
         renewals = asyncio.Semaphore(RENEWAL_CONCURRENCY)
         await asyncio.gather(
@@ -101,28 +117,37 @@ class Housekeeper:
               for tenant, sessions, total in charges.values()),
             *(self._renew(live, renewals) for live in due))
 
+    async def settle(self, live: LiveSession) -> None:
+        """Forget ``live`` (it has left the registry) and wait, at most
+        :data:`RENEWAL_WAIT_SECONDS`, for its renewal in flight to finish, so that its
+        lease can be released after it.  Never raises."""
+        self._due.pop(live, None)
+        renewal = self._renewing.get(live)
+        if renewal is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RENEWAL_WAIT_SECONDS):
+                    await asyncio.shield(renewal)
+
     async def _charge(self, tenant: TenantConfig, sessions: list[LiveSession],
                       tokens: int) -> None:
-        try:
-            balance = await self.gw.limiter.charge(tenant.id, tenant.limits, tokens)
-        except LimiterUnavailable as exc:
-            self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
-            return
+        balance = await self._limiter.charge(tenant.id, tenant.limits, tokens)
         if balance.overdrawn(tenant.limits):
             for live in sessions:
                 live.end(BUDGET_EXHAUSTED)
 
     async def _renew(self, live: LiveSession, renewals: asyncio.Semaphore) -> None:
-        limits = live.admitted.principal.tenant.limits
-        try:
-            async with renewals:
-                if live not in self.gw.sessions:  # ended while waiting: being released
-                    return
-                with live.renewing():
-                    balance = await self.gw.limiter.renew(live.admitted.lease, limits)
-        except LimiterUnavailable as exc:
-            self.gw.metrics.limiter_errors_total.labels(exc.operation).inc()
-            return
+        account = live.account
+        limits = account.tenant.limits
+        async with renewals:
+            if live not in self._registry:  # ended while waiting: being released
+                return
+            done = asyncio.get_running_loop().create_future()
+            self._renewing[live] = done
+            try:
+                balance = await self._limiter.renew(account.lease, limits)
+            finally:
+                del self._renewing[live]
+                done.set_result(None)
         if balance.overdrawn(limits):
             live.end(BUDGET_EXHAUSTED)
 

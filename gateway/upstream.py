@@ -16,27 +16,25 @@ becomes an HTTP status (502/504) or, for browser clients, close 4502/4504.
 
 The ``websockets`` library does the dial (TCP, TLS, proxy, the opening handshake and
 its checks); after the 101 the connection is handed to the frame relay
-(:mod:`gateway.relay`): :class:`HandOffConnection` stops feeding the library's parser
-at the end of the 101 response and keeps the bytes after it raw.
+(:mod:`gateway.relay`): :class:`gateway.handoff.HandOffConnection` stops feeding the
+library's parser at the end of the 101 response and keeps the bytes after it raw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
-from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway import __version__
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamFailed, UpstreamTimeout
+from gateway.handoff import HandOffConnection
 
 PASSTHROUGH_PARAMS = ("call_id", "intent")
 DEFAULT_USER_AGENT = f"realtime-gateway/{__version__}"
@@ -74,61 +72,6 @@ class UpstreamTarget:
         if self.openai_beta is not None:
             headers.append(("OpenAI-Beta", self.openai_beta))
         return headers
-
-
-class HandOffConnection(ClientConnection):
-    """A ``websockets`` client connection that stops parsing after the 101.
-
-    Bytes up to the end of the 101 response go to the library (which validates the
-    handshake); every byte after it is appended to :attr:`raw` unparsed, for the frame
-    relay to take over the transport with nothing lost.  :attr:`lost` is true once the
-    transport closed.  A refusal (any other status) is parsed by the library as usual.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.raw: list[bytes] | None = None
-        self.lost = False
-        self._head = b""
-
-    def data_received(self, data: bytes) -> None:
-        if self.raw is not None:
-            self.raw.append(data)
-            return
-        seen = len(self._head)
-        self._head += data
-        end = self._head.find(b"\r\n\r\n", max(0, seen - 3))
-        if end < 0:
-            super().data_received(data)
-            return
-        cut = end + 4 - seen
-        super().data_received(data[:cut])
-        self._head = b""
-        if self.protocol.state is State.OPEN:
-            self.raw = [data[cut:]] if cut < len(data) else []
-        elif cut < len(data):
-            super().data_received(data[cut:])
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        super().connection_lost(exc)
-
-    def take_raw(self) -> bytes:
-        """The bytes received after the 101 so far (emptied)."""
-        raw, self.raw = self.raw or [], []
-        return b"".join(raw)
-
-    def hang_up(self, code: int, reason: str) -> None:
-        """Close an upstream that never reached the relay: a close frame, then TCP close.
-
-        Does not wait for the upstream's reply (the relay never ran).
-        """
-        if self.lost or self.transport.is_closing():
-            return
-        with contextlib.suppress(Exception):
-            self.protocol.send_close(code, reason)
-            self.transport.write(b"".join(self.protocol.data_to_send()))
-        self.transport.close()
 
 
 def failure_reason(status: int) -> str:

@@ -1,15 +1,13 @@
-"""Model pinning: :func:`gateway.session.model_guard` on client ``session.update`` events."""
+"""Model pinning: :func:`gateway.guard.model_guard` on client ``session.update`` events."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from gateway.config import ModelRoute
-from gateway.limits.base import Lease
-from gateway.session import Admitted, model_guard
+from gateway.guard import model_guard
 
 MODEL = "gpt-realtime"
 UPSTREAM_MODEL = "gpt-realtime-2025-08-28"
@@ -18,14 +16,7 @@ NESTED = "[" * 5000 + "]" * 5000
 
 
 def guard() -> Any:
-    admitted = Admitted(
-        principal=cast(Any, None),
-        model=MODEL,
-        route=ModelRoute(upstream="openai", upstream_model=UPSTREAM_MODEL),
-        lease=Lease("acme", "user-1", "s1"),
-        upstream=cast(Any, None),
-    )
-    return model_guard(admitted)
+    return model_guard({MODEL, UPSTREAM_MODEL})
 
 
 def refused(answer: str | None) -> bool:

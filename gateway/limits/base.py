@@ -108,6 +108,12 @@ class Limiter(Protocol):
         """True when the backend can answer now (used by ``/readyz``)."""
         ...
 
+    @property
+    def renewal_interval(self) -> float:
+        """Seconds between two :meth:`renew` calls of a live session (``lease_seconds / 3``,
+        :func:`gateway.limits.policy.renewal_interval`)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the limiter is unusable afterwards."""
         ...

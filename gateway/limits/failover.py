@@ -12,7 +12,11 @@ and then:
 * ``renew``, ``charge``, ``release`` — never end a live session: the balance is
   reported unknown (``Balance(None)``) and the failure logged.  Debits that could
   not be written are kept per tenant (one number each) and added to the tenant's
-  next successful charge.
+  next successful charge.  A release is tried :data:`RELEASE_ATTEMPTS` times,
+  :data:`RELEASE_RETRY_SECONDS` apart, before its slots are left to expire.
+
+This is the one place that decides what a limiter failure means: callers (the session
+pipeline, the housekeeping loop) never see :class:`~gateway.limits.base.LimiterUnavailable`.
 
 The fallback mirrors every lease of this replica (admitted by either backend), so
 that while Redis is down the local limits count the sessions already running
@@ -21,6 +25,7 @@ here, and every lease is released to the fallback too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Literal
 
@@ -38,6 +43,12 @@ UNAVAILABLE_RETRY_AFTER_SECONDS = 5.0
 
 MAX_PENDING_TOKENS = 10**12
 """Cap of the unwritten debits kept per tenant while the primary is down."""
+
+RELEASE_ATTEMPTS = 3
+"""Tries to free a lease in the primary before leaving its slots to expire."""
+
+RELEASE_RETRY_SECONDS = 0.2
+"""Seconds between two release tries (a Redis timeout is usually a burst of load)."""
 
 
 class FailoverLimiter:
@@ -108,8 +119,9 @@ class FailoverLimiter:
             self._report("admit")
             if self._fail_mode == "closed":
                 raise Unavailable(
-                    "admission is temporarily unavailable",
+                    "admission is temporarily unavailable; retry shortly",
                     retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS,
+                    reason="limiter",
                 ) from None
             await self._fallback.admit(lease, local)
             log.warning("limiter.fallback_admit", tenant=lease.tenant,
@@ -132,13 +144,22 @@ class FailoverLimiter:
             return Balance(None)
 
     async def release(self, lease: Lease) -> None:
-        """Release in the local mirror and the primary; a primary failure is only logged
-        (its slots expire after one lease).  Never raises :class:`LimiterUnavailable`."""
+        """Release in the local mirror and the primary.
+
+        The primary is tried :data:`RELEASE_ATTEMPTS` times, :data:`RELEASE_RETRY_SECONDS`
+        apart; each failure is reported (``on_error("release")``).  A lease that could not
+        be freed expires by itself after ``lease_seconds`` — until then the user's slot
+        stays taken.  Never raises :class:`LimiterUnavailable`.
+        """
         await self._fallback.release(lease)
-        try:
-            await self._primary.release(lease)
-        except LimiterUnavailable:
-            self._report("release")
+        for attempt in range(RELEASE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(RELEASE_RETRY_SECONDS)
+            try:
+                await self._primary.release(lease)
+                return
+            except LimiterUnavailable:
+                self._report("release")
 
     async def charge(self, tenant: str, limits: LimitsConfig, tokens: int) -> Balance:
         """Charge the primary, adding debits that earlier failures left unwritten.

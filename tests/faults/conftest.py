@@ -154,7 +154,7 @@ class LeakSweep:
         for where, text in self.observed:
             self._scan(where, text, found)
         for i, gw in enumerate(self.gateways):
-            self._scan(f"metrics of gateway {i}", gw.metrics.render().decode(), found)
+            self._scan(f"metrics of gateway {i}", gw.services.metrics.render().decode(), found)
         return found
 
 
@@ -273,7 +273,7 @@ def metric(gw: RunningGateway | Gateway, name: str, **labels: str) -> float:
     include ``labels``."""
     gateway = gw.gateway if isinstance(gw, RunningGateway) else gw
     total = 0.0
-    for family in gateway.metrics.registry.collect():
+    for family in gateway.services.metrics.registry.collect():
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v
                                            for k, v in labels.items()):

@@ -24,6 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 
 from gateway.emulator import Emulator
+from gateway.relay import Relay
+from gateway.session import RelayedSession
 from tests.faults.conftest import (
     LeakSweep,
     Tokens,
@@ -89,7 +91,7 @@ async def test_client_vanishing_without_fin_is_found_by_pings(
         ws.transport.abort()
     assert record["close_code"] == 1001
     assert elapsed < 1.0, f"upstream closed {elapsed:.2f} s after the client vanished"
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_sessions_active") == 0
     # the user's only slot is free again
     again = await open_session(sweep, gw.url(), token)
@@ -112,7 +114,7 @@ async def test_client_fin_or_rst_without_close_frame(
     assert time.monotonic() - started < 1.0
     assert record["close_code"] == 1001
     ws.transport.abort()
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_closes_total", initiator="client") == 1
 
 
@@ -158,11 +160,11 @@ async def test_client_that_stops_reading_holds_bounded_memory(
             try:
                 blocked_at = await settled(flood)
                 assert blocked_at * FLOOD_FRAME < 64 * 1024 * 1024, f"{blocked_at} frames"
-                assert all(s.relay.sending_to_client for s in gw.gateway.sessions)
+                assert all(relay.sending_to_client for relay in relays(gw))
                 assert rss_bytes() - rss_before < 128 * 1024 * 1024
             finally:
                 ws.transport.abort()
-            await wait_for(lambda: not gw.gateway.sessions, within=5)
+            await wait_for(lambda: not gw.gateway.registry.sessions, within=5)
             await wait_for(lambda: flood.close_code is not None, within=5)
 
 
@@ -198,14 +200,18 @@ async def test_client_that_stops_reading_is_closed_as_a_slow_consumer(
                 ws.transport.abort()  # unblocks a gateway stuck sending to this client
 
 
+def relays(gw: RunningGateway) -> list[Relay]:
+    """The relays of the gateway's live WebSocket sessions."""
+    return [s.relay for s in gw.gateway.registry.sessions if isinstance(s, RelayedSession)]
+
+
 async def assert_slow_consumer_closed(gw: RunningGateway, ws: ClientConnection, flood: Flood,
                                       sweep: LeakSweep) -> None:
-    await wait_for(lambda: any(s.relay.sending_to_client for s in gw.gateway.sessions),
-                   within=5)
+    await wait_for(lambda: any(relay.sending_to_client for relay in relays(gw)), within=5)
     # send deadline 1 s, checked once a second: the upstream is released within ~3 s
     await wait_for(lambda: flood.close_code is not None, within=4)
     assert flood.close_code == 1001
-    await wait_for(lambda: not gw.gateway.sessions, within=2)
+    await wait_for(lambda: not gw.gateway.registry.sessions, within=2)
     closed = await closed_session(sweep, ws, within=20)
     assert (closed.code, closed.errors[-1]["error"]["code"]) == (1008, "slow_consumer")
     assert metric(gw, "realtime_gateway_sessions_active") == 0
@@ -234,7 +240,7 @@ async def test_message_over_the_cap_is_closed_1009(
     assert closed.code == 1009
     record = await upstream_closed(emulator, within=3)
     assert record["close_code"] == 1001
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
 
 
 async def test_invalid_utf8_text_is_closed_1007(
@@ -247,7 +253,7 @@ async def test_invalid_utf8_text_is_closed_1007(
     raw.abort()
     assert close is not None and close[0] == 1007
     assert (await upstream_closed(emulator, within=3))["close_code"] == 1001
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
 
 
 PROTOCOL_ERRORS = {
@@ -277,7 +283,7 @@ async def test_protocol_errors_close_1002(
     raw.abort()
     assert close is not None and close[0] == 1002, close
     assert (await upstream_closed(emulator, within=3))["close_code"] == 1001
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_sessions_active") == 0
 
 

@@ -36,7 +36,7 @@ from gateway.auth.authenticator import Authenticator, Principal
 from gateway.credentials import extract_credentials, select_subprotocol
 from gateway.emulator import Emulator
 from gateway.errors import GatewayError, InsufficientScope, InvalidToken
-from gateway.session import HandshakeRequest
+from gateway.handshake import HandshakeRequest
 from gateway.usage import TokenCounts, tap
 from tests.faults.conftest import (
     LeakSweep,
@@ -388,4 +388,4 @@ async def test_nested_usage_event_from_upstream_does_not_end_the_session(
                     closed = await closed_session(sweep, ws, within=0.5)
                     assert closed.code != 1011
                 await ws.close()
-            await wait_for(lambda: len(gw.gateway.sessions) == 0)
+            await wait_for(lambda: len(gw.gateway.registry.sessions) == 0)

@@ -29,12 +29,13 @@ from joserfc.jws import JWSRegistry
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from gateway.app import Gateway
+from gateway.app import Gateway, assemble
 from gateway.auth.authenticator import Authenticator
 from gateway.config import Config, parse_config
 from gateway.emulator import Emulator
 from gateway.limits.memory import MemoryLimiter
 from gateway.metrics import Metrics
+from gateway.services import Services
 from tests.faults.conftest import LeakSweep, closed_session, metric, open_session, refused, serve
 from tests.faults.proxy import FaultProxy
 from tests.support.gateway import MODEL, UPSTREAM_KEY, UPSTREAM_KEY_ENV, RunningGateway, wait_for
@@ -98,7 +99,7 @@ def build(config: Config, clock: FakeClock) -> Gateway:
     authenticator = Authenticator(
         config, clock=clock,
         on_jwks_refresh=lambda t, r: metrics.jwks_refreshes_total.labels(t, r).inc())
-    return Gateway(config, metrics, authenticator, MemoryLimiter())
+    return assemble(Services(config, metrics, authenticator, MemoryLimiter()))
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ async def test_warm_cache_keeps_admitting_while_the_jwks_endpoint_fails(
     """Case 15, warm: the TTL is over and the refresh fails (down, silent, 500, garbage,
     10 MB): sessions are admitted at once from the last good keys, readiness holds, and
     the failure is counted."""
-    assert gw.gateway.authenticator.ready()
+    assert gw.gateway.services.authenticator.ready()
     await inject(fault, idp, proxy)
     clock.advance(TTL_OVER)
     for _ in range(3):
@@ -150,7 +151,7 @@ async def test_warm_cache_keeps_admitting_while_the_jwks_endpoint_fails(
     await wait_for(lambda: metric(gw, "realtime_gateway_jwks_refreshes_total",
                                   result="failure") >= 1, within=5)
     assert await ready(gw) == 200
-    age = gw.gateway.authenticator.key_set_ages()["acme"]
+    age = gw.gateway.services.authenticator.key_set_ages()["acme"]
     assert age is not None and age >= TTL_OVER
     assert idp.peak_in_flight["/jwks"] <= 1
 
@@ -187,14 +188,14 @@ async def test_fifty_concurrent_handshakes_share_one_fetch_then_recover(
     idp.modes["/jwks"] = "500"
     config = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks")
     async with serve(sweep, config, build(config, clock)) as gw:
-        assert not gw.gateway.authenticator.ready()
+        assert not gw.gateway.services.authenticator.ready()
         idp.modes["/jwks"] = "slow"  # held until released, then 500
         clock.advance(5)  # past the retry backoff
         headers = [{"Authorization": f"Bearer {token(sweep, rsa_key, clock)}"}
                    for _ in range(50)]
         attempts = [asyncio.create_task(refused(sweep, gw.url(), h)) for h in headers]
         await wait_for(lambda: idp.in_flight["/jwks"] == 1, within=5)
-        await wait_for(lambda: gw.gateway.pending_handshakes == 50, within=5)
+        await wait_for(lambda: gw.gateway.registry.pending_handshakes == 50, within=5)
         assert idp.in_flight["/jwks"] == 1
         idp.release()
         results = await asyncio.gather(*attempts)
@@ -205,7 +206,7 @@ async def test_fifty_concurrent_handshakes_share_one_fetch_then_recover(
         clock.advance(120)  # past any backoff
         ws = await open_session(sweep, gw.url(), token(sweep, rsa_key, clock))
         await ws.close()
-        assert gw.gateway.authenticator.ready()
+        assert gw.gateway.services.authenticator.ready()
 
 
 async def test_key_rotation_is_picked_up_without_restart(

@@ -74,7 +74,7 @@ async def test_replica_cap_answers_503_before_the_upgrade(
     assert emulator.connections == dialled
     assert metric(gw, "realtime_gateway_sessions_active") == CAP
     await live[0].close()
-    await wait_for(lambda: len(gw.gateway.sessions) == CAP - 1)
+    await wait_for(lambda: len(gw.gateway.registry.sessions) == CAP - 1)
     live[0] = await open_session(sweep, gw.url(), tokens.mint())
     for ws in live:
         await ws.close()
@@ -97,7 +97,7 @@ async def test_replica_cap_holds_under_a_burst(
     assert emulator.connections == CAP
     for ws in sessions:
         await ws.close()
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_sessions_active") == 0
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from gateway.app import Gateway
+from gateway.app import Gateway, assemble
 from gateway.auth.authenticator import Authenticator
 from gateway.config import Config
 from gateway.emulator import Emulator
@@ -35,6 +35,7 @@ from gateway.limits.failover import FailoverLimiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.redis import RedisLimiter, tenant_key
 from gateway.metrics import Metrics
+from gateway.services import Services
 from tests.faults.conftest import (
     LeakSweep,
     Tokens,
@@ -78,7 +79,7 @@ def build(config: Config) -> Gateway:
     limiter = FailoverLimiter(redis, MemoryLimiter(lease_seconds=LEASE),
                               fail_mode=config.redis.fail_mode, expected_replicas=1,
                               on_error=on_error)
-    return Gateway(config, metrics, Authenticator(config), limiter)
+    return assemble(Services(config, metrics, Authenticator(config), limiter))
 
 
 def redis_config(emulator: Emulator, key_file: Path, proxy: FaultProxy,
@@ -110,7 +111,7 @@ def slots(redis_server: RedisServer, expected: int) -> Callable[[], Awaitable[bo
 
 async def redis_back(gw: RunningGateway) -> None:
     """Wait until the gateway's limiter answers through Redis again (breaker closed)."""
-    await wait_for(gw.gateway.limiter.ping, within=5, interval=0.1)
+    await wait_for(gw.gateway.services.limiter.ping, within=5, interval=0.1)
 
 
 async def timed_session(sweep: LeakSweep, gw: RunningGateway,
@@ -159,7 +160,7 @@ async def test_redis_fault_mid_session_fail_open(
         await wait_for(slots(redis_server, 2), within=5)
         await live.close()
         await second.close()
-        await wait_for(lambda: not gw.gateway.sessions)
+        await wait_for(lambda: not gw.gateway.registry.sessions)
         await wait_for(slots(redis_server, 0), within=2)
 
 
@@ -182,6 +183,51 @@ async def test_redis_fault_fail_closed_refuses_within_the_timeout(
         assert emulator.connections == dialled
         await round_trip(live)
         await live.close()
+
+
+async def test_a_failed_lease_release_is_retried_and_frees_the_slot_at_once(
+        emulator: Emulator, key_file: Path, proxy: FaultProxy, redis_server: RedisServer,
+        tokens: Tokens, sweep: LeakSweep) -> None:
+    """The limiter (``gateway.limits.failover``) tries a failed release again: with Redis
+    black-holed when a session ends, the first release times out; once Redis answers
+    again the retry frees the user's slot at once — not ``redis.lease_seconds`` later —
+    so the user's next session is admitted."""
+    config = gateway_config(
+        f"{emulator.url}/v1/realtime", key_file,
+        limits={"max_sessions": 10, "max_sessions_per_user": 1, "tokens_per_minute": 10**9},
+        redis={"url": f"redis://127.0.0.1:{proxy.port}/0", "fail_mode": "closed",
+               "timeout_seconds": TIMEOUT, "lease_seconds": 30},
+        server={"drain_seconds": 0})
+    async with serve(sweep, config, build(config)) as gw:
+        ws = await open_session(sweep, gw.url(), tokens.mint("canary-user-r"))
+        assert await sessions_in_redis(redis_server) == 1
+        proxy.black_hole()
+        await ws.close()
+        await wait_for(lambda: metric(gw, "realtime_gateway_limiter_errors_total",
+                                      operation="release") >= 1, within=3, interval=0.01)
+        await proxy.heal()  # before the retry (RELEASE_RETRY_SECONDS later)
+        healed = time.monotonic()
+        await wait_for(slots(redis_server, 0), within=2)
+        assert time.monotonic() - healed < 2  # by the retry: the lease had 30 s to go
+        assert metric(gw, "realtime_gateway_limiter_errors_total", operation="release") == 1
+        await wait_for(lambda: not gw.gateway.registry.sessions)
+        again = await open_session(sweep, gw.url(), tokens.mint("canary-user-r"))
+        await again.close()
+
+
+async def test_fail_closed_refusal_is_logged_with_the_limiter_reason(
+        emulator: Emulator, key_file: Path, proxy: FaultProxy, redis_server: RedisServer,
+        tokens: Tokens, sweep: LeakSweep) -> None:
+    """``fail_mode: closed`` with Redis down: the 503 is logged as ``session.rejected`` with
+    ``reason="limiter"`` and the failed admit is counted once."""
+    config = redis_config(emulator, key_file, proxy, fail_mode="closed")
+    async with serve(sweep, config, build(config)) as gw:
+        proxy.black_hole()
+        refusal = await refused(sweep, gw.url(), {"Authorization": f"Bearer {tokens.mint()}"})
+        assert (refusal.status, refusal.body["error"]["code"]) == (503, "unavailable")
+        rejected = [r for r in sweep.log_records() if r.get("event") == "session.rejected"]
+        assert [(r["code"], r["reason"]) for r in rejected] == [("unavailable", "limiter")]
+        assert metric(gw, "realtime_gateway_limiter_errors_total", operation="admit") == 1
 
 
 async def test_redis_connections_reset_mid_session(
@@ -243,7 +289,7 @@ async def test_cancelling_a_task_inside_a_redis_call_ends_it(
         for _ in range(300):
             async def keep_charging() -> None:
                 while True:  # what the housekeeping loop does, without the pauses
-                    await gateway.limiter.charge("acme", tenant.limits, 1)
+                    await gateway.services.limiter.charge("acme", tenant.limits, 1)
             task = asyncio.create_task(keep_charging())
             await asyncio.sleep(rng.random() * 0.003)  # the moment of the cancel is the test
             task.cancel()
@@ -257,6 +303,6 @@ async def test_cancelling_a_task_inside_a_redis_call_ends_it(
                     await asyncio.wait({task}, timeout=0.1)
                 break
     finally:
-        await gateway.limiter.aclose()
-        await gateway.authenticator.aclose()
+        await gateway.services.limiter.aclose()
+        await gateway.services.authenticator.aclose()
     assert survivors == 0

@@ -191,7 +191,7 @@ class Snapshot:
 
 async def quiescent(gw: RunningGateway, redis_server: RedisServer | None) -> Snapshot:
     """Wait until no session is live and no slot is held in Redis; then measure."""
-    await wait_for(lambda: not gw.gateway.sessions, within=5)
+    await wait_for(lambda: not gw.gateway.registry.sessions, within=5)
     keys: frozenset[str] = frozenset()
     if redis_server is not None:
         admin = redis_server.client()

@@ -76,7 +76,7 @@ def bearer(token: str) -> dict[str, str]:
 
 async def assert_released(sweep: LeakSweep, gw: RunningGateway, token: str) -> None:
     """The user's only slot is free: the same token opens a session at once."""
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     ws = await open_session(sweep, gw.url(), token)
     await ws.close()
 
@@ -233,7 +233,7 @@ async def test_stalled_upstream_still_answers_client_pings_and_leaves_no_task(
     async with asyncio.timeout(5):
         await ws.close()
     # the upstream's close reply never comes: dropped after the relay's 2 s close timeout
-    await wait_for(lambda: not gw.gateway.sessions, within=5)
+    await wait_for(lambda: not gw.gateway.registry.sessions, within=5)
     await wait_for(lambda: not session_tasks(), within=2)  # while the stall still holds
     await proxy.heal()  # the proxy and the emulator now see the gateway's side gone
     await wait_for(lambda: task_count() <= tasks_before, within=5)
@@ -295,7 +295,7 @@ async def test_oversize_upstream_event_closes_both_sides(key_file: Path, tokens:
             assert closed.code in (1009, 1011)
             await wait_for(lambda: bool(closes), within=5)
             assert closes == [1009]
-            await wait_for(lambda: not gw.gateway.sessions)
+            await wait_for(lambda: not gw.gateway.registry.sessions)
 
 
 async def test_relay_survives_a_slow_upstream(gw: RunningGateway, proxy: FaultProxy,
@@ -307,5 +307,5 @@ async def test_relay_survives_a_slow_upstream(gw: RunningGateway, proxy: FaultPr
     for _ in range(3):
         await round_trip(ws)
     await ws.close()
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_sessions_total", outcome="ok") == 1

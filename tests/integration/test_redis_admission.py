@@ -369,7 +369,8 @@ async def test_token_budget_refuses_then_closes_sessions_on_both_replicas(
         assert code == 4429
         assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["rate_limited"]
         assert loop.time() - spender_closed <= SHORT_LEASE / 3 + 2
-        await wait_for(lambda: not a.gateway.sessions and not b.gateway.sessions, within=5)
+        await wait_for(lambda: not a.gateway.registry.sessions
+                       and not b.gateway.registry.sessions, within=5)
 
 
 # -- 5. Redis stopped mid-run ----------------------------------------------------------------

@@ -98,7 +98,7 @@ async def test_openai_sdk_session_relays_speech_byte_exact(
     assert session["audio_sha256"] == hashlib.sha256(audio).hexdigest()
     assert session["audio_bytes"] == len(audio)
     # tokens_total counts exactly what the upstream reported, per kind
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     details = usage.input_token_details
     assert await metric(gw, "realtime_gateway_tokens_total", kind="input_audio") == \
         details.audio_tokens
@@ -240,9 +240,9 @@ async def test_every_refusal(gw: RunningGateway, emulator: Emulator, key_file: P
     elif case == "upstream_timeout":
         url = gw.url(model="fault-stall-handshake")
     elif case == "draining":
-        gw.gateway.start_drain()
+        gw.gateway.registry.start_drain()
     elif case == "replica_full":
-        gw.gateway.pending_handshakes = gw.gateway.config.server.max_sessions
+        gw.gateway.registry.pending_handshakes = gw.gateway.services.config.server.max_sessions
     connections_before = emulator.connections
     try:
         if carrier == "header":
@@ -267,7 +267,7 @@ async def test_every_refusal(gw: RunningGateway, emulator: Emulator, key_file: P
     finally:
         if held is not None:
             await held.close()
-        gw.gateway.pending_handshakes = 0
+        gw.gateway.registry.pending_handshakes = 0
     if case not in ("upstream_refused", "upstream_timeout", "rate_limited"):
         assert emulator.connections == connections_before  # nothing reached the upstream
     assert await metric(gw, "realtime_gateway_session_rejections_total", code=code) >= 1
@@ -287,7 +287,7 @@ async def test_upstream_close_code_and_reason_reach_the_client(gw: RunningGatewa
                     await ws.recv()
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "emulator close 4000")
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     assert await metric(gw, "realtime_gateway_closes_total", initiator="upstream",
                         code="4000") == 1
 
@@ -307,7 +307,7 @@ async def test_token_expiry_closes_4401_within_a_second(gw: RunningGateway,
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
     assert events[-1]["error"]["code"] == "token_expired"
     assert -0.05 <= closed_at - exp <= 1.0
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
 
 
 async def test_vanished_client_leaves_no_upstream_and_no_slot(
@@ -316,7 +316,7 @@ async def test_vanished_client_leaves_no_upstream_and_no_slot(
     ws = await connect(gw.url(), additional_headers={"Authorization": f"Bearer {token}"})
     await relayed_session(ws)
     ws.transport.abort()  # no close frame, just gone
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     await wait_for(lambda: all(s["closed"] for s in emulator_sessions(emulator)))
     assert emulator_sessions(emulator)[-1]["close_code"] == 1001
     async with connect(gw.url(), additional_headers={"Authorization": f"Bearer {token}"}) as again:
@@ -364,7 +364,7 @@ async def test_health_and_readiness(gw: RunningGateway) -> None:
         assert (await client.get("/healthz")).status_code == 200
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
-        gw.gateway.start_drain()
+        gw.gateway.registry.start_drain()
         draining = await client.get("/readyz")
         assert draining.status_code == 503 and draining.json()["checks"]["draining"] is True
         assert (await client.get("/metrics")).status_code == 404  # metrics port only

@@ -73,7 +73,7 @@ async def scrape(gw: RunningGateway) -> str:
 
 async def test_metrics_after_a_session_pass_promtool(gw: RunningGateway, key_file: Path) -> None:
     await spoken_turn(gw, key_file)
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     text = await scrape(gw)
     for family in ("sessions_active", "sessions_total", "session_duration_seconds",
                    "handshake_duration_seconds", "messages_total", "message_bytes_total",
@@ -88,7 +88,7 @@ async def test_tokens_total_equals_upstream_usage_per_kind(gw: RunningGateway, k
                                                            emulator: Emulator) -> None:
     for _ in range(2):
         await spoken_turn(gw, key_file)
-    await wait_for(lambda: not gw.gateway.sessions)
+    await wait_for(lambda: not gw.gateway.registry.sessions)
     reported: dict[str, float] = {}
     for line in (await scrape(gw)).splitlines():
         if line.startswith("realtime_gateway_tokens_total{"):
@@ -116,7 +116,7 @@ async def test_real_prometheus_scrapes_a_gateway_through_a_session(
                 f'realtime_gateway_sessions_active{{tenant="acme",model="{MODEL}"}} == 1')
             assert active[0]["metric"]["upstream"] == "emulator"
         usage = await spoken_turn(gw, key_file)
-        await wait_for(lambda: not gw.gateway.sessions)
+        await wait_for(lambda: not gw.gateway.registry.sessions)
         await prom.wait_for("sum(realtime_gateway_sessions_active) == 0")
         tokens = await prom.wait_for(
             f'sum(realtime_gateway_tokens_total{{kind="output_audio"}}) == '

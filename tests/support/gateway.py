@@ -124,10 +124,11 @@ async def run_gateway(config: Config,
     """
     app = create_app(config, gateway=gateway)
     gw: Gateway = app.state.gateway
-    main = _TestServer(uvicorn_config(app, config, "127.0.0.1", 0), gw,
+    main = _TestServer(uvicorn_config(app, config, "127.0.0.1", 0), gw.registry,
                        config.server.drain_seconds)
-    metrics = _TestServer(uvicorn.Config(create_metrics_app(gw.metrics), host="127.0.0.1",
-                                         port=0, lifespan="off", log_config=None), gw, 0)
+    metrics = _TestServer(uvicorn.Config(create_metrics_app(gw.services.metrics),
+                                         host="127.0.0.1", port=0, lifespan="off",
+                                         log_config=None), gw.registry, 0)
     tasks = [asyncio.create_task(main.serve()), asyncio.create_task(metrics.serve())]
     try:
         await wait_for(lambda: (main.started and metrics.started)
