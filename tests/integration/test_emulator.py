@@ -27,15 +27,9 @@ from pydantic import Field, TypeAdapter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
-from gateway.emulator import (
-    Emulator,
-    FaultError,
-    input_audio_tokens,
-    output_audio_tokens,
-    parse_faults,
-    serve_forever,
-    text_tokens,
-)
+from gateway.emulator.faults import FaultError, parse_faults
+from gateway.emulator.server import Emulator, serve_forever
+from gateway.emulator.tokens import input_audio_tokens, output_audio_tokens, text_tokens
 from tests.support.audio import chunks, silence_pcm16, speech_pcm16, tone_pcm16
 
 KEY = "sk-emulator-test-key-0123456789"
