@@ -3,12 +3,12 @@
 A response streams ``response.created``, ``response.output_item.added``,
 ``conversation.item.added``, ``response.content_part.added``, interleaved
 ``response.output_audio_transcript.delta`` (one per word) and ``response.output_audio.delta``
-(100 ms of PCM16 each, a quiet 400 Hz tone; silence bytes for G.711 output),
-``response.output_audio.done``, ``response.output_audio_transcript.done``,
-``response.content_part.done``, ``response.output_item.done``, ``conversation.item.done``,
-``response.done``.  The reply's audio lasts 50 ms per character of its transcript, within
-200 ms … 10 s.  With ``output_modalities: ["text"]`` the text events
-(``response.output_text.delta|done``) replace the audio ones; a function call streams
+(100 ms of audio each, the last one shorter; what the audio is — a tone or speech — is
+:mod:`gateway.emulator.voice`), ``response.output_audio.done``,
+``response.output_audio_transcript.done``, ``response.content_part.done``,
+``response.output_item.done``, ``conversation.item.done``, ``response.done``.  With
+``output_modalities: ["text"]`` the text events (``response.output_text.delta|done``)
+replace the audio ones; a function call streams
 ``response.function_call_arguments.delta`` … ``.done`` instead.  ``conversation: "none"``
 keeps the output out of the conversation (no ``conversation.item.*`` events).
 
@@ -37,7 +37,7 @@ from gateway.emulator.plan import Plan
 from gateway.emulator.records import SessionRecord
 from gateway.emulator.schema import JSON, bytes_per_ms, new_id
 from gateway.emulator.tokens import output_audio_tokens, response_usage, text_tokens
-from gateway.emulator.voice import G711_SILENCE
+from gateway.emulator.voice import Voice
 
 __all__ = ["AUDIO_CHUNK_MS", "Response", "Responses", "Send"]
 
@@ -45,9 +45,6 @@ AUDIO_CHUNK_MS = 100
 """Audio per ``response.output_audio.delta``, milliseconds."""
 
 _TEXT_DELTA_PACE_SECONDS = 0.05
-_REPLY_MS_PER_CHAR = 50
-_REPLY_MIN_MS = 200
-_REPLY_MAX_MS = 10_000
 _ARGUMENT_DELTA_CHARS = 16
 
 Send: TypeAlias = Callable[[JSON], Awaitable[None]]
@@ -75,7 +72,7 @@ class Responses:
         conversation: the session's conversation (output items join it).
         record: the session's record (usage totals).
         faults: the connection's faults (``slow``, ``extra_input_text_tokens``).
-        tone: 100 ms of the reply tone, PCM16 24 kHz.
+        voice: what spoken replies sound like.
         active: the response streaming now, or ``None``.
         last_id: the id of the latest response started, or ``None``.
     """
@@ -84,7 +81,7 @@ class Responses:
     conversation: Conversation
     record: SessionRecord
     faults: Faults
-    tone: bytes
+    voice: Voice
     active: Response | None = None
     last_id: str | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
@@ -226,16 +223,12 @@ class Responses:
             data["status"] = "incomplete" if response.cancel_reason else "completed"
             await self._close_item(response, data, previous, priced)
             return data, text_tokens(sent), 0
-        fmt_type = str(plan.output_format.get("type", "audio/pcm"))
         bpm = bytes_per_ms(plan.output_format)
-        reply_ms = min(max(len(plan.text) * _REPLY_MS_PER_CHAR, _REPLY_MIN_MS), _REPLY_MAX_MS)
-        total = reply_ms * bpm
-        chunk = AUDIO_CHUNK_MS * bpm
-        pattern = (
-            self.tone
-            if fmt_type == "audio/pcm"
-            else bytes([G711_SILENCE.get(fmt_type, 0)]) * chunk
+        audio = await self.voice.reply_audio(
+            plan.text, str(plan.output_format.get("type", "audio/pcm"))
         )
+        total, view = len(audio), memoryview(audio)
+        chunk = AUDIO_CHUNK_MS * bpm
         await self.send(
             {"type": "response.content_part.added", **where,
              "part": {"type": "audio", "transcript": ""}}
@@ -254,7 +247,7 @@ class Responses:
                 transcript += words[step]
             if sent_bytes < total:
                 size = min(chunk, total - sent_bytes)
-                delta = base64.b64encode(pattern[:size]).decode("ascii")
+                delta = base64.b64encode(view[sent_bytes : sent_bytes + size]).decode("ascii")
                 await self.send({"type": "response.output_audio.delta", **where, "delta": delta})
                 sent_bytes += size
             await self._pause(AUDIO_CHUNK_MS / 1000)

@@ -31,10 +31,9 @@ from gateway.emulator.handshake import (
     select_subprotocol,
 )
 from gateway.emulator.records import SessionRecord
-from gateway.emulator.responses import AUDIO_CHUNK_MS
 from gateway.emulator.schema import JSON, new_id
 from gateway.emulator.session import Session
-from gateway.emulator.voice import tone_chunk
+from gateway.emulator.voice import Voice
 
 __all__ = ["MAX_MESSAGE_BYTES", "REALTIME_PATHS", "SESSIONS_PATH", "Emulator", "serve_forever"]
 
@@ -77,6 +76,9 @@ class Emulator:
         max_message_bytes: largest client message accepted, bytes (16 MiB by default).
         max_records: session records kept (oldest dropped first; ``connections`` still
             counts every handshake).
+        speech: speak PCM16 replies with espeak-ng (resampled to 24 kHz by sox) when
+            both are on ``PATH``, instead of the tone whose bytes and usage tests
+            predict (see :mod:`gateway.emulator.voice`); ``realtime-gateway dev`` wants it.
 
     Raises:
         ValueError: *api_key* is an empty string.
@@ -91,6 +93,7 @@ class Emulator:
         open_timeout: float | None = 10.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_records: int = 10_000,
+        speech: bool = False,
     ) -> None:
         if api_key == "":
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
@@ -103,8 +106,7 @@ class Emulator:
         self._records: deque[SessionRecord] = deque(maxlen=max_records)
         self._connections = 0
         self._closing = asyncio.Event()
-        self._tone = tone_chunk(AUDIO_CHUNK_MS)
-        """100 ms of the reply tone (PCM16 24 kHz), sliced for each audio delta."""
+        self._voice = Voice(speech=speech)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,6 +141,7 @@ class Emulator:
         self._closing.set()
         server.close()
         await server.wait_closed()
+        await self._voice.aclose()
 
     async def __aenter__(self) -> Emulator:
         await self.start()
@@ -244,18 +247,21 @@ class Emulator:
             faults=fault_words(handshake.model),
         )
         self._records.append(record)
-        await Session(connection, handshake, record, self._tone).run()
+        await Session(connection, handshake, record, self._voice).run()
 
 
-async def serve_forever(host: str, port: int, api_key: str | None) -> None:
+async def serve_forever(
+    host: str, port: int, api_key: str | None, *, speech: bool = False
+) -> None:
     """Run an :class:`Emulator` until cancelled (the ``realtime-gateway emulator`` command).
 
-    Logs one line with the URL when ready.  *api_key* ``None`` accepts any key.
+    Logs one line with the URL when ready.  *api_key* ``None`` accepts any key; *speech*
+    as for :class:`Emulator`.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    async with Emulator(host=host, port=port, api_key=api_key) as emulator:
+    async with Emulator(host=host, port=port, api_key=api_key, speech=speech) as emulator:
         _log.info(
             "realtime emulator listening on %s (paths %s, records at %s)",
             emulator.url,

@@ -72,6 +72,7 @@ from gateway.emulator.schema import (
 )
 from gateway.emulator.tokens import transcription_usage
 from gateway.emulator.vad import Vad
+from gateway.emulator.voice import Voice
 
 __all__ = ["Session"]
 
@@ -97,7 +98,7 @@ class Session:
         connection: the accepted ``websockets`` connection.
         handshake: its parsed handshake.
         record: its live record (updated as frames come and go).
-        tone: 100 ms of the reply tone, PCM16 24 kHz.
+        voice: what spoken replies sound like (shared by the emulator's sessions).
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class Session:
         connection: ServerConnection,
         handshake: Handshake,
         record: SessionRecord,
-        tone: bytes,
+        voice: Voice,
     ) -> None:
         self._conn = connection
         self._handshake = handshake
@@ -113,7 +114,7 @@ class Session:
         self.record = record
         self._session = default_session(record.id, handshake.model)
         self._conversation = Conversation()
-        self._responses = Responses(self._send, self._conversation, record, self._faults, tone)
+        self._responses = Responses(self._send, self._conversation, record, self._faults, voice)
         self._buffer = bytearray()
         self._buffer_start = 0
         """Session-timeline byte offset of ``_buffer[0]``."""
