@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from gateway.emulator import serve_forever
+    from gateway.emulator.server import serve_forever
     from gateway.logs import configure_logging
 
     api_key = os.environ.get("EMULATOR_API_KEY") or None
@@ -150,7 +150,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
 async def _dev(port: int) -> None:
     from gateway.app import build_gateway
     from gateway.demo import demo_routes
-    from gateway.emulator import Emulator
+    from gateway.emulator.server import Emulator
     from gateway.logs import configure_logging
     from gateway.server import Listeners, serve
 

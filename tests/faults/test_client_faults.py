@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.relay import Relay
 from gateway.session import RelayedSession
 from tests.faults.conftest import (

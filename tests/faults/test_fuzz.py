@@ -34,7 +34,7 @@ from websockets.asyncio.server import ServerConnection
 
 from gateway.auth.authenticator import Authenticator, Principal
 from gateway.credentials import extract_credentials, select_subprotocol
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.errors import GatewayError, InsufficientScope, InvalidToken
 from gateway.handshake import HandshakeRequest
 from gateway.usage import TokenCounts, tap

@@ -32,7 +32,7 @@ from websockets.typing import Subprotocol
 from gateway.app import Gateway, assemble
 from gateway.auth.authenticator import Authenticator
 from gateway.config import Config, parse_config
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.limits.memory import MemoryLimiter
 from gateway.metrics import Metrics
 from gateway.services import Services

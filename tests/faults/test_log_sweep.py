@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.logs import Redactor
 from tests.faults.conftest import (
     LeakSweep,

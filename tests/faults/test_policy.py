@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.faults.conftest import (
     LeakSweep,
     Tokens,

@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection
 from gateway.app import Gateway, assemble
 from gateway.auth.authenticator import Authenticator
 from gateway.config import Config
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.limits.failover import FailoverLimiter
 from gateway.limits.memory import MemoryLimiter
 from gateway.limits.redis import RedisLimiter, tenant_key

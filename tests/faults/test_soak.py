@@ -36,7 +36,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from gateway.limits.redis import DEFAULT_MAX_CONNECTIONS
 from tests.faults.conftest import (
     LeakSweep,

@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.faults.conftest import (
     LeakSweep,
     Tokens,

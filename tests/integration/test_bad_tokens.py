@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.config import parse_config
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.gateway import (
     MODEL,
     UPSTREAM_KEY,

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.gateway import gateway_config
 from tests.support.process import gateway_process, write_config
 

@@ -27,15 +27,9 @@ from pydantic import Field, TypeAdapter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
-from gateway.emulator import (
-    Emulator,
-    FaultError,
-    input_audio_tokens,
-    output_audio_tokens,
-    parse_faults,
-    serve_forever,
-    text_tokens,
-)
+from gateway.emulator.faults import FaultError, parse_faults
+from gateway.emulator.server import Emulator, serve_forever
+from gateway.emulator.tokens import input_audio_tokens, output_audio_tokens, text_tokens
 from tests.support.audio import chunks, silence_pcm16, speech_pcm16, tone_pcm16
 
 KEY = "sk-emulator-test-key-0123456789"
@@ -843,6 +837,32 @@ async def test_sessions_endpoint_serves_records(emu: Emulator) -> None:
     assert record["client_events"] == {"input_audio_buffer.append": 5}
     assert record["closed"] is True
     assert record["close_initiator"] == "client"
+
+
+async def test_session_record_snapshots_do_not_change_later(emu: Emulator) -> None:
+    first_audio, more_audio = silence_pcm16(100), tone_pcm16(100)
+    ws = await open_session(emu, session={"audio": {"input": {"turn_detection": None}}})
+    async with ws:
+        await append(ws, first_audio, ms=100)
+        await eventually(lambda: emu.sessions()[0].audio_bytes == len(first_audio))
+        (early,) = emu.sessions()
+        early_dict = early.to_dict()
+        await append(ws, more_audio, ms=100)
+        await send(ws, user_text_item("hello"))
+        await send(ws, {"type": "response.create"})
+        await collect_until(ws, "response.done")
+    await eventually(lambda: emu.sessions()[0].closed)
+    (late,) = emu.sessions()
+    assert early.to_dict() == early_dict, "a snapshot changed after it was taken"
+    assert early.audio_sha256 == hashlib.sha256(first_audio).hexdigest()
+    assert early.client_events == {"session.update": 1, "input_audio_buffer.append": 1}
+    assert early.usage["responses"] == 0
+    assert not early.closed
+    assert late.audio_sha256 == hashlib.sha256(first_audio + more_audio).hexdigest()
+    assert late.snapshot().audio_sha256 == late.audio_sha256
+    assert late.client_events["input_audio_buffer.append"] == 2
+    assert late.usage["responses"] == 1
+    assert late.server_events["response.done"] == 1
 
 
 async def test_serve_forever_runs_until_cancelled() -> None:

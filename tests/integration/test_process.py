@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.gateway import UPSTREAM_KEY, gateway_config, mint, wait_for
 from tests.support.process import gateway_process, write_config
 

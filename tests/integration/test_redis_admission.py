@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.config import Config
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.gateway import RunningGateway, gateway_config, mint, run_gateway, wait_for
 from tests.support.process import gateway_process, write_config
 from tests.support.redis_server import RedisClusterServer, RedisServer

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from examples.wav_client import main as wav_main
 from examples.wav_client import read_pcm16, write_pcm16
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.audio import speech_pcm16
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import (

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.ops.promql import (
     alerting_rules,
     dashboard_queries,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.support.gateway import UPSTREAM_KEY
 
 

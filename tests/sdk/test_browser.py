@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.sdk.helpers import CHROMIUM_FLAGS, SDK_DIR, chromium_or_skip, run_node, serve_directory
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import RunningGateway, gateway_config, mint, run_gateway

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.sdk.helpers import make_test_ca, run_node
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import gateway_config, mint, run_gateway

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from openai import AsyncAzureOpenAI
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.sdk.helpers import SDK_DIR, agents_python_or_skip, make_test_ca, run_client
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import gateway_config, mint, run_gateway

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 
 
 def emulator_sessions(emulator: Emulator) -> list[dict[str, Any]]:
