@@ -199,15 +199,15 @@ def test_client_secrets_absent_by_default() -> None:
 ])
 def test_client_secrets_refused_with_key_path(section: dict[str, Any], value: str | None,
                                               expected: str) -> None:
-    environ = dict(ENV) if value is None else {**ENV, section.get("signing_key_env",
-                                                                  "REALTIME_GATEWAY_SECRET_KEY"):
-                                                   value}
+    environ = dict(ENV)
+    if value is not None:
+        environ[section.get("signing_key_env", "REALTIME_GATEWAY_SECRET_KEY")] = value
     with pytest.raises(ConfigError) as caught:
         parse_config(with_secrets(**section), environ)
     messages = [f"{path}: {message}" for path, message in caught.value.errors]
     assert any(message.startswith(expected) for message in messages), messages
-    if value is not None and len(value.strip()) > 8:
-        assert all(value.strip() not in message for message in messages)
+    for secret in (SIGNING_KEY, OLD_KEY, "x" * 31):
+        assert all(secret not in message for message in messages)  # no key material shown
 
 
 def test_example_config_is_valid() -> None:
