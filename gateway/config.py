@@ -5,15 +5,16 @@ The YAML file is validated strictly (unknown keys are errors) and cross-checked
 the environment).  Every problem is reported as ``key.path: message``; all of them
 at once, so an operator fixes a file in one pass.
 
-Secrets never come from the file: upstream API keys and introspection client
-secrets are read from the environment variables the file names
-(``api_key_env``, ``client_secret_env``) and kept in private attributes that are
-excluded from ``model_dump`` and ``repr``.
+Secrets never come from the file: upstream API keys, introspection client
+secrets and client-secret signing keys are read from the environment variables the
+file names (``api_key_env``, ``client_secret_env``, ``signing_key_env``) and kept in
+private attributes that are excluded from ``model_dump`` and ``repr``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,6 +68,65 @@ class ServerConfig(_Model):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         return self
+
+
+MIN_SIGNING_KEY_BYTES = 32
+"""Shortest client-secret signing key, in bytes (HS256 wants >= 256 bits, RFC 7518 §3.2)."""
+DEFAULT_SIGNING_KID = "default"
+"""The ``kid`` of a signing key given bare (without ``kid:``)."""
+_KID = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def parse_signing_keys(value: str) -> tuple[tuple[str, bytes], ...]:
+    """Parse the value of ``client_secrets.signing_key_env`` into ``(kid, key)`` pairs.
+
+    Format: ``KEY`` (its kid is :data:`DEFAULT_SIGNING_KID`) or ``kid:KEY,kid:KEY,...``;
+    the first pair signs new secrets, all of them verify.  Whitespace around entries is
+    ignored (a trailing newline from a Kubernetes secret file is harmless).  A kid is
+    ``[A-Za-z0-9._-]{1,32}``, unique; a key is the UTF-8 encoding of its text, at least
+    :data:`MIN_SIGNING_KEY_BYTES` bytes, and contains no ``,`` (nor ``:`` when bare).
+    ``secrets.token_urlsafe(32)`` makes a good key (43 bytes).
+
+    Raises :class:`ValueError` with a message naming the entry (by position and kid), never
+    the key material.
+    """
+    entries = [entry.strip() for entry in value.split(",")]
+    if entries == [""]:
+        raise ValueError("is empty")
+    if len(entries) == 1 and ":" not in entries[0]:
+        entries = [f"{DEFAULT_SIGNING_KID}:{entries[0]}"]
+    pairs: list[tuple[str, bytes]] = []
+    for position, entry in enumerate(entries, start=1):
+        kid, colon, key = entry.partition(":")
+        kid = kid.strip()
+        if not colon or _KID.fullmatch(kid) is None:
+            raise ValueError(f"entry {position} is not kid:key (kid: [A-Za-z0-9._-]{{1,32}})")
+        if any(kid == seen for seen, _ in pairs):
+            raise ValueError(f"entry {position}: duplicate kid {kid!r}")
+        raw = key.strip().encode("utf-8")
+        if len(raw) < MIN_SIGNING_KEY_BYTES:
+            raise ValueError(f"key {kid!r} is shorter than {MIN_SIGNING_KEY_BYTES} bytes")
+        pairs.append((kid, raw))
+    return tuple(pairs)
+
+
+class ClientSecretsConfig(_Model):
+    """``client_secrets:`` — client secrets the gateway mints itself (CONTRACT §8).
+
+    Absent: ``POST /v1/realtime/client_secrets`` answers 404 and ``ek_`` tokens are refused.
+    The signing keys are read from the environment variable ``signing_key_env`` (format in
+    :func:`parse_signing_keys`); every replica must see the same value.  ``max_seconds`` caps
+    a secret's lifetime (``expires_after.seconds``, 10..7200 s as at OpenAI).
+    """
+
+    signing_key_env: str = "REALTIME_GATEWAY_SECRET_KEY"
+    max_seconds: int = Field(default=7200, ge=10, le=7200)
+    _signing_keys: tuple[tuple[str, bytes], ...] = PrivateAttr(default=())
+
+    @property
+    def signing_keys(self) -> tuple[tuple[str, bytes], ...]:
+        """The ``(kid, key)`` pairs read from ``signing_key_env`` at load time, signer first."""
+        return self._signing_keys
 
 
 class RedisConfig(_Model):
@@ -230,6 +290,7 @@ class Config(_Model):
     """The whole configuration file (CONTRACT §2)."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
+    client_secrets: ClientSecretsConfig | None = None
     redis: RedisConfig | None = None
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     tenants: tuple[TenantConfig, ...]
@@ -269,6 +330,8 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
             errors.append((f"upstreams.{name}.api_key_env",
                            f"environment variable {upstream.api_key_env} is not set"))
         object.__setattr__(upstream, "_api_key", key)  # private attr on a frozen model
+    if config.client_secrets is not None:
+        errors.extend(_check_signing_keys(config.client_secrets, environ))
     introspecting = [i for i, t in enumerate(config.tenants) if t.auth.introspection is not None]
     for index in introspecting[1:]:
         errors.append((f"tenants.{index}.auth.introspection",
@@ -306,6 +369,20 @@ def _cross_check(config: Config, environ: Mapping[str, str]) -> list[tuple[str, 
                            "a development issuer is allowed only when server.host is a "
                            "loopback address"))
     return errors
+
+
+def _check_signing_keys(section: ClientSecretsConfig,
+                        environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    path, name = "client_secrets.signing_key_env", section.signing_key_env
+    value = environ.get(name, "")
+    if not value:
+        return [(path, f"environment variable {name} is not set")]
+    try:
+        keys = parse_signing_keys(value)
+    except ValueError as exc:
+        return [(path, f"environment variable {name}: {exc}")]
+    object.__setattr__(section, "_signing_keys", keys)  # private attr on a frozen model
+    return []
 
 
 def is_loopback_host(host: str) -> bool:
@@ -363,9 +440,9 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
 def load_config(path: str | Path, environ: Mapping[str, str]) -> Config:
     """Read and validate the YAML file at ``path`` (CONTRACT §2).
 
-    ``environ`` supplies the variables named by ``api_key_env`` and
-    ``client_secret_env`` (pass ``os.environ``).  Raises :class:`ConfigError`
-    (also for an unreadable file or invalid YAML).
+    ``environ`` supplies the variables named by ``api_key_env``,
+    ``client_secret_env`` and ``signing_key_env`` (pass ``os.environ``).  Raises
+    :class:`ConfigError` (also for an unreadable file or invalid YAML).
     """
     path = Path(path)
     try:

@@ -142,3 +142,78 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     broken.write_text("server: [unclosed")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(broken, ENV)
+
+
+SIGNING_KEY = "k" * 43  # the length of secrets.token_urlsafe(32)
+OLD_KEY = "o" * 32
+
+
+def with_secrets(**section: Any) -> dict[str, Any]:
+    return {**valid(), "client_secrets": section}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (SIGNING_KEY, (("default", SIGNING_KEY.encode()),)),
+    (f" {SIGNING_KEY}\n", (("default", SIGNING_KEY.encode()),)),
+    (f"new:{SIGNING_KEY}, old:{OLD_KEY}", (("new", SIGNING_KEY.encode()),
+                                           ("old", OLD_KEY.encode()))),
+    ("k1:" + "é" * 16, (("k1", ("é" * 16).encode()),)),  # 16 characters, 32 UTF-8 bytes
+])
+def test_client_secrets_signing_keys(value: str, expected: tuple[tuple[str, bytes], ...]) -> None:
+    config = parse_config(with_secrets(), {**ENV, "REALTIME_GATEWAY_SECRET_KEY": value})
+    section = config.client_secrets
+    assert section is not None and section.max_seconds == 7200
+    assert section.signing_keys == expected
+    for _, key in expected:
+        assert key.decode() not in repr(config)
+        assert key.decode() not in str(config.model_dump())
+
+
+def test_client_secrets_absent_by_default() -> None:
+    assert parse_config(valid(), ENV).client_secrets is None
+
+
+@pytest.mark.parametrize(("section", "value", "expected"), [
+    ({}, None, "client_secrets.signing_key_env: environment variable "
+               "REALTIME_GATEWAY_SECRET_KEY is not set"),
+    ({"signing_key_env": "GW_KEY"}, None,
+     "client_secrets.signing_key_env: environment variable GW_KEY is not set"),
+    ({}, "x" * 31, "client_secrets.signing_key_env: environment variable "
+                   "REALTIME_GATEWAY_SECRET_KEY: key 'default' is shorter than 32 bytes"),
+    ({}, f"a:{SIGNING_KEY},b:short", "client_secrets.signing_key_env: environment variable "
+                                     "REALTIME_GATEWAY_SECRET_KEY: key 'b' is shorter"),
+    ({}, f"a:{SIGNING_KEY},{OLD_KEY}", "client_secrets.signing_key_env: environment variable "
+                                       "REALTIME_GATEWAY_SECRET_KEY: entry 2 is not kid:key"),
+    ({}, f"a:{SIGNING_KEY},", "client_secrets.signing_key_env: environment variable "
+                              "REALTIME_GATEWAY_SECRET_KEY: entry 2 is not kid:key"),
+    ({}, f"bad kid!:{SIGNING_KEY}", "client_secrets.signing_key_env: environment variable "
+                                    "REALTIME_GATEWAY_SECRET_KEY: entry 1 is not kid:key"),
+    ({}, f"a:{SIGNING_KEY},a:{OLD_KEY}", "client_secrets.signing_key_env: environment variable "
+                                         "REALTIME_GATEWAY_SECRET_KEY: entry 2: duplicate kid"),
+    ({}, " \n", "client_secrets.signing_key_env: environment variable "
+                "REALTIME_GATEWAY_SECRET_KEY: is empty"),
+    ({"max_seconds": 9}, SIGNING_KEY, "client_secrets.max_seconds: Input should be greater"),
+    ({"max_seconds": 7201}, SIGNING_KEY, "client_secrets.max_seconds: Input should be less"),
+    ({"signing_key": SIGNING_KEY}, SIGNING_KEY,
+     "client_secrets.signing_key: Extra inputs are not permitted"),
+])
+def test_client_secrets_refused_with_key_path(section: dict[str, Any], value: str | None,
+                                              expected: str) -> None:
+    environ = dict(ENV)
+    if value is not None:
+        environ[section.get("signing_key_env", "REALTIME_GATEWAY_SECRET_KEY")] = value
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_secrets(**section), environ)
+    messages = [f"{path}: {message}" for path, message in caught.value.errors]
+    assert any(message.startswith(expected) for message in messages), messages
+    for secret in (SIGNING_KEY, OLD_KEY, "x" * 31):
+        assert all(secret not in message for message in messages)  # no key material shown
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "config" / "example.yaml"
+    environ = {**ENV, "INITECH_INTROSPECTION_SECRET": "initech-secret-000",
+               "REALTIME_GATEWAY_SECRET_KEY": f"2026-11:{SIGNING_KEY},2026-05:{OLD_KEY}"}
+    config = load_config(example, environ)
+    assert config.client_secrets is not None
+    assert [kid for kid, _ in config.client_secrets.signing_keys] == ["2026-11", "2026-05"]
