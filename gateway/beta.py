@@ -488,21 +488,20 @@ def _to_ga(beta: JSON, fields: tuple[Field, ...], dropped: frozenset[str]) -> JS
         if field is not None:
             _put(out, field.ga, field.to_ga(value))
         elif key not in dropped:
-            # a GA-shaped object the client sent itself (e.g. "audio") is merged, not replaced
-            current = out.get(key)
-            if isinstance(current, dict) and isinstance(value, dict):
-                out[key] = _merged(value, current)
-            else:
-                out[key] = value
+            # a GA-shaped part the client sent itself ("audio") is merged, not replaced
+            out[key] = _merged(value, out[key]) if key in out else value
     return out
 
 
-def _merged(base: JSON, over: JSON) -> JSON:
+def _merged(base: object, over: object, depth: int = 2) -> object:
+    """*over* merged into *base*: objects key by key down to *depth* levels (``audio`` →
+    ``input``/``output`` → fields), anything else replaced by *over*.  Bounded, so a deeply
+    nested input cannot exhaust the stack."""
+    if depth == 0 or not isinstance(base, dict) or not isinstance(over, dict):
+        return over
     out = dict(base)
     for key, value in over.items():
-        current = out.get(key)
-        out[key] = _merged(current, value) if isinstance(current, dict) and isinstance(
-            value, dict) else value
+        out[key] = _merged(out[key], value, depth - 1) if key in out else value
     return out
 
 
@@ -517,7 +516,7 @@ def _to_beta(ga: JSON, fields: tuple[Field, ...], ga_only: frozenset[str]) -> JS
         if value is not _ABSENT:
             out[field.beta] = field.to_beta(value)
     for key, value in ga.items():
-        if key not in moved and key not in ga_only and key != "audio":
+        if key not in moved and key not in ga_only:  # "audio" is among the moved
             out[key] = value
     return out
 
@@ -715,10 +714,7 @@ class BetaTranslator:
     # -- client events
 
     def _session_update(self, event: JSON) -> list[JSON]:
-        session = event.get("session")
-        if isinstance(session, dict):
-            event["session"] = session_to_ga(session)
-        return [event]
+        return _rewritten(event, "session", session_to_ga)
 
     def _transcription_session_update(self, event: JSON) -> list[JSON]:
         session = event.get("session")
@@ -732,10 +728,7 @@ class BetaTranslator:
         return [event]
 
     def _response_create(self, event: JSON) -> list[JSON]:
-        response = event.get("response")
-        if isinstance(response, dict):
-            event["response"] = response_params_to_ga(response)
-        return [event]
+        return _rewritten(event, "response", response_params_to_ga)
 
     # -- server events
 
@@ -796,14 +789,19 @@ class BetaTranslator:
         return [event]
 
     def _response(self, event: JSON) -> list[JSON]:
-        response = event.get("response")
-        if isinstance(response, dict):
-            event["response"] = response_to_beta(response)
-        return [event]
+        return _rewritten(event, "response", response_to_beta)
 
     def _renamed(self, event: JSON) -> list[JSON]:
         event["type"] = SERVER_RENAMES[event["type"]]
         return [event]
+
+
+def _rewritten(event: JSON, key: str, convert: Callable[[JSON], JSON]) -> list[JSON]:
+    """*event* with its object at *key* converted (left as it is when not an object)."""
+    value = event.get(key)
+    if isinstance(value, dict):
+        event[key] = convert(value)
+    return [event]
 
 
 def _kind(event: JSON) -> str | None:

@@ -659,10 +659,14 @@ def test_session_fields_move_and_no_equivalents_are_dropped() -> None:
 
 
 def test_a_ga_shaped_part_of_a_beta_session_is_merged() -> None:
-    session = translated_session({"type": "realtime", "voice": "ash",
-                                  "audio": {"output": {"speed": 1.5}, "input": {"x": 1}}})
-    assert session == {"type": "realtime",
-                       "audio": {"output": {"voice": "ash", "speed": 1.5}, "input": {"x": 1}}}
+    expected = {"type": "realtime",
+                "audio": {"output": {"voice": "ash", "speed": 1.5}, "input": {"x": 1}}}
+    ga_part = {"output": {"speed": 1.5, "voice": "marin"}, "input": {"x": 1}}
+    # the beta field wins, whichever comes first
+    assert translated_session({"type": "realtime", "voice": "ash",
+                               "audio": copy.deepcopy(ga_part)}) == expected
+    assert translated_session({"audio": copy.deepcopy(ga_part), "voice": "ash",
+                               "type": "realtime"}) == expected
 
 
 def test_transcription_session_update_becomes_a_ga_transcription_session() -> None:
@@ -971,6 +975,9 @@ def test_deeply_nested_values_are_not_walked() -> None:
     translator = BetaTranslator()
     assert len(translator.client_to_upstream({"type": "session.update", "session": deep})) == 1
     assert len(translator.upstream_to_client({"type": "session.created", "session": deep})) == 1
+    both = {"input_audio_transcription": deep, "audio": {"input": {"transcription": deep}}}
+    (event,) = translator.client_to_upstream({"type": "session.update", "session": both})
+    assert event["session"]["audio"]["input"]["transcription"] is deep
 
 
 # --------------------------------------------------------------------------- against the emulator
