@@ -13,10 +13,13 @@ import secrets
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, load_config, parse_config
+
+if TYPE_CHECKING:
+    from gateway.devtls import DevCertificates
 
 DEFAULT_CONFIG_ENV = "REALTIME_GATEWAY_CONFIG"
 DEV_TENANT = "dev"
@@ -90,7 +93,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     api_key = os.environ.get("EMULATOR_API_KEY") or None
     configure_logging("info", "console", secrets=[api_key] if api_key else [])
-    _run(serve_forever(args.host, args.port, api_key))
+    _run(serve_forever(args.host, args.port, api_key, speech=args.speech))
     return 0
 
 
@@ -122,22 +125,30 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def dev_state_dir() -> Path:
-    """Where ``dev`` keeps its issuer key: ``$XDG_STATE_HOME/realtime-gateway``."""
+    """Where ``dev`` keeps its issuer key (and, for ``--tls``, its certificates under
+    ``tls/``): ``$XDG_STATE_HOME/realtime-gateway``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "realtime-gateway"
 
 
 def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
-               environ: dict[str, str], key_file: Path) -> Config:
+               environ: dict[str, str], key_file: Path,
+               tls: DevCertificates | None = None) -> Config:
     """The in-memory configuration of ``realtime-gateway dev``: loopback only, one
-    tenant ``dev`` with a development issuer, in-process limits, one upstream."""
+    tenant ``dev`` with a development issuer, in-process limits, one upstream; TLS with
+    ``tls``'s certificate when given."""
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "metrics_port": 0,
+                              "drain_seconds": 0}
+    if tls is not None:
+        server.update(tls_cert_file=str(tls.cert_file), tls_key_file=str(tls.key_file))
+    scheme = "https" if tls is not None else "http"
     data = {
-        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0, "drain_seconds": 0},
+        "server": server,
         "upstreams": {"upstream": {"provider": "openai", "url": upstream_url,
                                    "api_key_env": upstream_key_env}},
         "tenants": [{
             "id": DEV_TENANT,
-            "auth": {"issuer": f"http://127.0.0.1:{port}/_dev/{DEV_TENANT}",
+            "auth": {"issuer": f"{scheme}://127.0.0.1:{port}/_dev/{DEV_TENANT}",
                      "dev_issuer": {"key_file": str(key_file)},
                      "audiences": [DEV_AUDIENCE]},
             "models": {m: {"upstream": "upstream"} for m in DEV_MODELS},
@@ -147,9 +158,10 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
     return parse_config(data, environ)
 
 
-async def _dev(port: int) -> None:
+async def _dev(port: int, tls: DevCertificates | None) -> None:
     from gateway.app import build_gateway
     from gateway.demo import demo_routes
+    from gateway.devbanner import dev_banner, missing_modules
     from gateway.emulator.server import Emulator
     from gateway.logs import configure_logging
     from gateway.server import Listeners, serve
@@ -163,12 +175,12 @@ async def _dev(port: int) -> None:
     else:
         key_env = DEV_UPSTREAM_KEY_ENV
         environ[key_env] = secrets.token_urlsafe(24)
-        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env])
+        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True)
         await emulator.__aenter__()
         upstream_url = f"{emulator.url}/v1/realtime"
         upstream_name = f"the built-in emulator ({emulator.url})"
     config = dev_config(port, upstream_url, upstream_key_env=key_env, environ=environ,
-                        key_file=key_file)
+                        key_file=key_file, tls=tls)
     configure_logging("info", "console", secrets=_secrets_of(config))
     tenant = config.tenants[0]
     gateway = build_gateway(config)
@@ -177,9 +189,10 @@ async def _dev(port: int) -> None:
     token = issuer.mint(
         issuer=tenant.auth.issuer, audience=DEV_AUDIENCE, sub="dev-user",
         scope=tenant.auth.required_scope, ttl_seconds=3600)
-    base = f"ws://127.0.0.1:{port}"
-    print(_dev_banner(base, token, upstream_name), flush=True)
-    print(f"Voice demo (microphone, in a browser): http://127.0.0.1:{port}/\n", flush=True)
+    print(dev_banner(version=__version__, port=port, token=token, upstream=upstream_name,
+                     tls=tls, missing=missing_modules()), flush=True)
+    scheme = "https" if tls is not None else "http"
+    print(f"Voice demo (microphone, in a browser): {scheme}://127.0.0.1:{port}/\n", flush=True)
     demo = demo_routes(issuer, tenant, model=DEV_MODELS[0])
     try:
         await serve(config, Listeners("127.0.0.1", port, 0), extra_routes=demo, gateway=gateway)
@@ -188,40 +201,17 @@ async def _dev(port: int) -> None:
             await emulator.__aexit__(None, None, None)
 
 
-def _dev_banner(base: str, token: str, upstream: str) -> str:
-    return f"""
-realtime-gateway {__version__} (development mode) relaying to {upstream}
-
-URL:    {base}/v1/realtime?model=gpt-realtime
-Token:  {token}
-        (valid 1 hour; scope language-model-service:use-model)
-
-Python (pip install openai):
-    import asyncio, openai
-    async def main():
-        client = openai.AsyncOpenAI(api_key="<token>", websocket_base_url="{base}/v1")
-        async with client.realtime.connect(model="gpt-realtime") as conn:
-            await conn.session.update(session={{"type": "realtime", "output_modalities": ["text"]}})
-            await conn.conversation.item.create(item={{"type": "message", "role": "user",
-                "content": [{{"type": "input_text", "text": "Hello!"}}]}})
-            await conn.response.create()
-            async for event in conn:
-                print(event.type)
-                if event.type == "response.done":
-                    break
-    asyncio.run(main())
-
-Browser:
-    new WebSocket("{base}/language-model-service/ws/v1/open-ai/realtime?model=gpt-realtime",
-                  ["Bearer-" + token])
-
-A WAV file through the gateway:
-    python examples/wav_client.py --url {base}/v1 --token <token> input.wav reply.wav
-"""
-
-
 def cmd_dev(args: argparse.Namespace) -> int:
-    _run(_dev(args.port))
+    tls = None
+    if args.tls:
+        from gateway.devtls import DevTLSError, ensure_certificates
+
+        try:
+            tls = ensure_certificates(dev_state_dir() / "tls")
+        except DevTLSError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    _run(_dev(args.port, tls))
     return 0
 
 
@@ -241,11 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", help="run locally on 127.0.0.1 with a dev issuer")
     dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--tls", action="store_true",
+                     help="serve https/wss with a certificate from a local CA (openai-node "
+                          "dials wss:// only); the CA is printed for NODE_EXTRA_CA_CERTS")
     dev.set_defaults(func=cmd_dev)
 
     emulator = commands.add_parser("emulator", help="run the Realtime protocol emulator")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8081)
+    emulator.add_argument("--speech", action="store_true",
+                          help="speak replies with espeak-ng (and sox) instead of a tone")
     emulator.set_defaults(func=cmd_emulator)
 
     token = commands.add_parser("token", help="mint a token from a tenant's dev issuer")

@@ -60,14 +60,15 @@ def _host_name(host_header: str) -> str:
 
 def is_local_request(request: Request) -> bool:
     """True when ``request`` comes from a loopback address, names a loopback host, and
-    carries no ``Origin`` other than its own (``http://<Host>``)."""
+    carries no ``Origin`` other than its own (``http://<Host>``, or ``https://`` under
+    ``dev --tls``)."""
     if request.client is None or not is_loopback_host(request.client.host):
         return False
     host = request.headers.get("host", "")
     if _host_name(host).lower() not in LOOPBACK_NAMES:
         return False
     origin = request.headers.get("origin")
-    return origin is None or origin == f"http://{host}"
+    return origin is None or origin == f"{request.url.scheme}://{host}"
 
 
 def demo_routes(issuer: DevIssuer, tenant: TenantConfig, *, model: str,

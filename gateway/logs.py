@@ -15,6 +15,11 @@ includes ``Sec-WebSocket-Protocol: Bearer-<token>``).  At any level other than
 everything) their header dumps pass, and the redaction — tested against those
 exact dumps for every carrier — is what keeps credentials out.
 
+The main and the metrics server both log through uvicorn's one logger
+(``uvicorn.error``): :func:`serving_as` runs a server so that uvicorn's records
+from it carry ``server=<name>`` ("Started server process", "Uvicorn running on
+...", "Shutting down", ...), one line per server.
+
 Logging is process-wide by nature (:mod:`logging`); :func:`configure_logging`
 is called once, by the CLI.
 """
@@ -24,8 +29,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any, TextIO
+from collections.abc import Awaitable, Iterable, Mapping, MutableMapping
+from contextvars import ContextVar
+from typing import Any, TextIO, TypeVar
 
 import structlog
 
@@ -42,6 +48,9 @@ _SECRET_KEYS = frozenset({
     "authorization", "token", "access_token", "api_key", "api-key", "subprotocols",
     "sec-websocket-protocol", "client_secret", "password", "secret", "headers",
 })
+_T = TypeVar("_T")
+_SERVER: ContextVar[str | None] = ContextVar("gateway_logs_server", default=None)
+"""The name of the uvicorn server whose task (and its children) is logging, if any."""
 NOISY_LOGGERS = ("uvicorn.error", "uvicorn.access", "websockets", "websockets.client",
                  "websockets.server", "httpx", "httpcore")
 
@@ -82,6 +91,28 @@ class Redactor:
         return event
 
 
+async def serving_as(name: str, server: Awaitable[_T]) -> _T:
+    """Await ``server`` (e.g. ``uvicorn.Server.serve()``) so that the ``uvicorn.*`` records
+    logged meanwhile by this task and the tasks it starts carry ``server=<name>``.
+
+    Run each server in its own task (:func:`asyncio.create_task` copies the context), e.g.
+    ``create_task(serving_as("metrics", metrics.serve()))``.
+    """
+    reset = _SERVER.set(name)
+    try:
+        return await server
+    finally:
+        _SERVER.reset(reset)
+
+
+def _name_server(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    """structlog processor: ``server=<name>`` on uvicorn's records (see :func:`serving_as`)."""
+    name = _SERVER.get()
+    if name is not None and str(event.get("logger", "")).startswith("uvicorn"):
+        event["server"] = name
+    return event
+
+
 def _render_exc(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return structlog.processors.format_exc_info(logger, method, event)
 
@@ -109,7 +140,7 @@ def configure_logging(level: str = "info", fmt: str = "json", *, secrets: Iterab
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, _name_server],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _render_exc,

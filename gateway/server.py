@@ -29,7 +29,7 @@ from gateway.app import Gateway, create_app, create_metrics_app
 from gateway.config import Config
 from gateway.errors import SHUTTING_DOWN
 from gateway.handoff import GatewayWebSocketProtocol, header_deadline_protocol
-from gateway.logs import get_logger
+from gateway.logs import get_logger, serving_as
 from gateway.registry import Registry
 
 log = get_logger(__name__)
@@ -144,8 +144,8 @@ async def serve(config: Config, listeners: Listeners,
         create_metrics_app(gw.services.metrics), host=listeners.host,
         port=listeners.metrics_port,
         lifespan="off", log_config=None, access_log=False, server_header=False))
-    metrics_task = asyncio.create_task(metrics.serve())
-    main_task = asyncio.create_task(main.serve())
+    metrics_task = asyncio.create_task(serving_as("metrics", metrics.serve()))
+    main_task = asyncio.create_task(serving_as("main", main.serve()))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while not (main.started and metrics.started) and loop.time() < deadline:

@@ -26,7 +26,7 @@ import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, cast
+from typing import Annotated, Any, Literal, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -64,10 +64,8 @@ from gateway.beta import (
     is_preview_api_version,
     upstream_frame_renamed,
 )
-from gateway.config import ModelRoute
-from gateway.emulator import Emulator
-from gateway.limits.base import Lease
-from gateway.session import Admitted, model_guard
+from gateway.emulator.server import Emulator
+from gateway.guard import model_guard
 from tests.support.audio import chunks, silence_pcm16, tone_pcm16
 from tests.support.gateway import UPSTREAM_KEY
 
@@ -864,10 +862,7 @@ def test_malformed_transcription_update_keeps_its_session() -> None:
 
 
 def pinning_guard(model: str = "gpt-realtime") -> Any:
-    admitted = Admitted(principal=cast(Any, None), model=model,
-                        route=ModelRoute(upstream="openai", upstream_model=None),
-                        lease=Lease("acme", "user-1", "s1"), upstream=cast(Any, None))
-    return model_guard(admitted)
+    return model_guard({model})
 
 
 @pytest.mark.parametrize(("model", "refused"), [

@@ -19,8 +19,6 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from examples.wav_client import main as wav_main
-from examples.wav_client import read_pcm16, write_pcm16
 from gateway.emulator.server import Emulator
 from tests.support.audio import speech_pcm16
 from tests.support.emulator import emulator_sessions
@@ -106,18 +104,6 @@ async def test_openai_sdk_session_relays_speech_byte_exact(
         usage.output_token_details.audio_tokens
     assert await metric(gw, "realtime_gateway_sessions_total", outcome="ok") == 1
     assert await metric(gw, "realtime_gateway_sessions_active") == 0
-
-
-async def test_wav_example_writes_the_spoken_reply(
-        gw: RunningGateway, key_file: Path, tmp_path: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    question = tmp_path / "question.wav"
-    write_pcm16(str(question), speech_pcm16(tmp_path_factory))
-    reply = tmp_path / "reply.wav"
-    args = ["--url", f"ws://127.0.0.1:{gw.port}/v1", "--token", mint(key_file),
-            str(question), str(reply)]
-    assert await asyncio.to_thread(wav_main, args) == 0
-    assert len(read_pcm16(str(reply))) > 24000  # more than half a second of speech back
 
 
 async def relayed_session(ws: ClientConnection) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import functools
 import http.server
-import ipaddress
 import json
 import os
 import shutil
@@ -26,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.devtls import DevCertificates, create_certificates
 
 SDK_DIR = Path(__file__).resolve().parent
 REPO = SDK_DIR.parents[1]
@@ -124,64 +121,11 @@ async def run_node(script: str, spec: Mapping[str, Any], *, packages: Sequence[s
     return await run_client([node, str(SDK_DIR / script)], spec, env=env, within=within)
 
 
-@dataclass(frozen=True)
-class TestCA:
-    """A throwaway CA and a server certificate for 127.0.0.1 and localhost (PEM files)."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-def make_test_ca(directory: Path) -> TestCA:
-    """Create a P-256 CA and a server certificate it signs (SAN: IP 127.0.0.1, DNS
-    localhost; EKU serverAuth; valid one day) under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "realtime-gateway test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca = TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    ca.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    ca.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    ca.key_file.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    ca.key_file.chmod(0o600)
-    return ca
+def make_test_ca(directory: Path) -> DevCertificates:
+    """A throwaway CA and a server certificate it signs (SAN: IP 127.0.0.1, DNS
+    localhost; EKU serverAuth; valid one day) under ``directory``: the files of
+    ``dev --tls`` (:func:`gateway.devtls.create_certificates`)."""
+    return create_certificates(directory, validity=datetime.timedelta(days=1))
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
