@@ -164,8 +164,9 @@ disagree with the Service, the probes, the grace period and the trial Redis.
 {{- end }}
 
 {{/*
-Env var names the gateway reads secrets from: every upstream's api_key_env and every tenant's
-auth.introspection.client_secret_env, deduplicated and sorted, comma-separated.
+Env var names the gateway reads secrets from: every upstream's api_key_env, every tenant's
+auth.introspection.client_secret_env and client_secrets.signing_key_env, deduplicated and
+sorted, comma-separated.
 */}}
 {{- define "realtime-gateway.secretEnvNames" -}}
 {{- $names := dict }}
@@ -176,6 +177,9 @@ auth.introspection.client_secret_env, deduplicated and sorted, comma-separated.
 {{- with (dig "auth" "introspection" "client_secret_env" "" $tenant) }}
 {{- $_ := set $names . "" }}
 {{- end }}
+{{- end }}
+{{- with .Values.config.client_secrets }}
+{{- $_ := set $names (.signing_key_env | default "REALTIME_GATEWAY_SECRET_KEY") "" }}
 {{- end }}
 {{- keys $names | sortAlpha | join "," }}
 {{- end }}
