@@ -10,6 +10,10 @@
 * any other token goes to the tenants that configure RFC 7662 introspection, in
   configuration order; the first ``active`` answer whose ``iss`` (if present) matches the
   tenant wins (:mod:`gateway.auth.introspection`);
+* a gateway client secret (``ek_…``, CONTRACT §8, :mod:`gateway.auth.client_secrets`) is
+  verified with the ``client_secrets`` signing keys; its principal is the user who minted
+  it, expiring when the minting access token does, and carries the secret's claims (model,
+  session template);
 * a token with less than :data:`MIN_REMAINING_SECONDS` left before ``exp`` is refused: the
   session would be closed at once.
 
@@ -26,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gateway.auth.client_secrets import SecretClaims, SigningKeys, is_client_secret
+from gateway.auth.client_secrets import verify as verify_client_secret
 from gateway.auth.dev_issuer import DevIssuer
 from gateway.auth.introspection import Introspector
 from gateway.auth.jwks import FETCH_TIMEOUT_SECONDS, JwksCache, build_source, require_secure_url
@@ -57,13 +63,21 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 class Principal:
     """Who a validated bearer token speaks for.
 
-    ``expires_at`` is the token's ``exp`` in epoch seconds; ``None`` only when an
-    introspection answer carried no ``exp``.
+    ``expires_at`` is the token's ``exp`` in epoch seconds (for a client secret: the ``exp``
+    of the access token that minted it); ``None`` only when an introspection answer carried
+    no ``exp``.  ``secret`` holds a client secret's claims when the token was one.
     """
 
     tenant: TenantConfig
     subject: str
     expires_at: float | None
+    secret: SecretClaims | None = None
+
+    @property
+    def credential(self) -> str:
+        """``client_secret`` or ``access_token``: the kind of token (for logs, never the
+        value)."""
+        return "access_token" if self.secret is None else "client_secret"
 
 
 def _no_refresh_callback(tenant_id: str, result: str) -> None:
@@ -106,6 +120,9 @@ class Authenticator:
 
         self._config = config
         self._clock = clock
+        self._secret_keys = (SigningKeys.from_config(config.client_secrets)
+                             if config.client_secrets is not None else None)
+        self._tenants = {tenant.id: tenant for tenant in config.tenants}
         self._http: httpx.AsyncClient | None = None
         self._caches: dict[str, JwksCache] = {}
         self._validators: dict[str, JwtValidator] = {}
@@ -177,13 +194,27 @@ class Authenticator:
     async def authenticate(self, token: str) -> Principal:
         """Validate a bearer token and return its :class:`Principal`.
 
+        ``token`` is an OAuth access token (JWT or opaque) or a gateway client secret.
+
         Raises :class:`gateway.errors.InvalidToken` (malformed, bad signature, wrong
-        ``iss``/``aud``, expired, unknown issuer, inactive), :class:`InsufficientScope`,
+        ``iss``/``aud``, expired, unknown issuer, inactive; for a client secret also
+        tampered, forged, unknown kid or tenant), :class:`InsufficientScope`,
         or :class:`gateway.errors.Unavailable` (no keys held for the issuer, or the
         introspection endpoint failed).
         """
         if not token or len(token) > MAX_TOKEN_BYTES or _B64TOKEN.fullmatch(token) is None:
             raise InvalidToken(MSG_INVALID)
+        if is_client_secret(token):
+            principal = self._authenticate_secret(token)
+        else:
+            principal = await self._authenticate_token(token)
+        if (principal.expires_at is not None
+                and principal.expires_at - self._clock() < MIN_REMAINING_SECONDS):
+            raise InvalidToken(MSG_EXPIRED)
+        return principal
+
+    async def _authenticate_token(self, token: str) -> Principal:
+        """An access token's principal: a JWT of a key-set tenant, else introspection."""
         unverified = None
         if looks_like_jwt(token):
             try:
@@ -193,13 +224,23 @@ class Authenticator:
                     raise
                 # Three dot-separated segments that are not JOSE: an opaque token.
         if unverified is not None:
-            principal = await self._authenticate_jwt(token, unverified)
-        else:
-            principal = await self._introspect(token, list(self._introspectors.values()))
-        if (principal.expires_at is not None
-                and principal.expires_at - self._clock() < MIN_REMAINING_SECONDS):
-            raise InvalidToken(MSG_EXPIRED)
-        return principal
+            return await self._authenticate_jwt(token, unverified)
+        return await self._introspect(token, list(self._introspectors.values()))
+
+    def _authenticate_secret(self, token: str) -> Principal:
+        """A client secret's principal.  Refused like an invalid token (401) when client
+        secrets are not configured, the secret does not verify (tampered, forged, other
+        kid, expired, unknown tenant: :func:`gateway.auth.client_secrets.verify`), or its
+        tenant's ``required_scope`` is no longer among the scopes it was minted with."""
+        if self._secret_keys is None:
+            raise InvalidToken(MSG_INVALID, reason="client_secrets_disabled")
+        claims = verify_client_secret(self._secret_keys, token, self._clock(),
+                                      tenants=self._tenants.keys())
+        tenant = self._tenants[claims.tenant]
+        if tenant.auth.required_scope not in claims.scope.split():
+            raise InvalidToken(MSG_INVALID, reason="scope_changed")
+        return Principal(tenant=tenant, subject=claims.subject,
+                         expires_at=claims.token_exp, secret=claims)
 
     async def _authenticate_jwt(self, token: str, unverified: UnverifiedJwt) -> Principal:
         issuer = unverified.issuer
