@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from gateway.auth.authenticator import Authenticator
@@ -29,6 +30,7 @@ from gateway.limits.failover import build_limiter
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.registry import Registry
+from gateway.secrets_endpoint import ClientSecretsEndpoint
 from gateway.services import Services
 from gateway.session import handle
 
@@ -117,6 +119,7 @@ def create_app(config: Config, gateway: Gateway | None = None,
     routes: list[Any] = [Route("/healthz", healthz), Route("/readyz", readyz)]
     endpoint = RealtimeEndpoint(gw)
     routes += [WebSocketRoute(path, endpoint) for path in REALTIME_PATHS]
+    routes += rest_routes(gw)
     routes += list(extra_routes)
     authenticator = gw.services.authenticator
     for tenant in config.tenants:
@@ -140,6 +143,33 @@ def create_app(config: Config, gateway: Gateway | None = None,
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gw
     return app
+
+
+REST_PREFIXES = ("/v1/realtime", "/openai/v1/realtime")
+"""Where the REST endpoints next to the socket live (CONTRACT §3): ``<prefix>/client_secrets``…"""
+CORS_HEADERS = ("Authorization", "Content-Type", "X-OpenAI-Agents-SDK")
+"""Request headers browsers may send cross-origin to the REST endpoints (CONTRACT §9)."""
+
+
+def rest_routes(gw: Gateway) -> list[BaseRoute]:
+    """The HTTP endpoints under :data:`REST_PREFIXES`, behind CORS that follows
+    ``server.allowed_origins`` (empty: any origin) and exposes ``Location``.
+
+    ``POST …/client_secrets`` exists only when ``client_secrets:`` is configured (else 404).
+    """
+    config = gw.services.config
+    routes: list[BaseRoute] = []
+    keys = gw.services.authenticator.client_secret_keys
+    if config.client_secrets is not None and keys is not None:
+        endpoint = ClientSecretsEndpoint(gw.services, keys, config.client_secrets.max_seconds)
+        routes.append(Route("/client_secrets", endpoint.handle, methods=["POST"]))
+    if not routes:
+        return []
+    origins = list(config.server.allowed_origins) or ["*"]
+    api = CORSMiddleware(Router(routes), allow_origins=origins, allow_methods=["POST"],
+                         allow_headers=list(CORS_HEADERS), expose_headers=["Location"],
+                         max_age=600)
+    return [Mount(prefix, app=api) for prefix in REST_PREFIXES]
 
 
 def _jwks_endpoint(issuer: DevIssuer) -> Any:

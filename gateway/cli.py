@@ -26,6 +26,8 @@ DEV_TENANT = "dev"
 DEV_AUDIENCE = "realtime-gateway"
 DEV_MODELS = ("gpt-realtime", "gpt-realtime-2", "gpt-realtime-mini")
 DEV_UPSTREAM_KEY_ENV = "REALTIME_GATEWAY_DEV_UPSTREAM_KEY"
+DEV_SECRET_KEY_ENV = "REALTIME_GATEWAY_DEV_SECRET_KEY"  # noqa: S105 - a variable name
+"""The environment variable ``dev`` puts a fresh client-secret signing key in (per run)."""
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -43,6 +45,8 @@ def _secrets_of(config: Config) -> list[str]:
     values = [u.api_key for u in config.upstreams.values()]
     values += [t.auth.introspection.client_secret for t in config.tenants
                if t.auth.introspection is not None]
+    if config.client_secrets is not None:
+        values += [key.decode() for _, key in config.client_secrets.signing_keys]
     return [v for v in values if v]
 
 
@@ -135,8 +139,9 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
                environ: dict[str, str], key_file: Path,
                tls: DevCertificates | None = None) -> Config:
     """The in-memory configuration of ``realtime-gateway dev``: loopback only, one
-    tenant ``dev`` with a development issuer, in-process limits, one upstream; TLS with
-    ``tls``'s certificate when given."""
+    tenant ``dev`` with a development issuer, in-process limits, one upstream, client
+    secrets signed with the key in ``environ[DEV_SECRET_KEY_ENV]``; TLS with ``tls``'s
+    certificate when given."""
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "metrics_port": 0,
                               "drain_seconds": 0}
     if tls is not None:
@@ -153,6 +158,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
                      "audiences": [DEV_AUDIENCE]},
             "models": {m: {"upstream": "upstream"} for m in DEV_MODELS},
         }],
+        "client_secrets": {"signing_key_env": DEV_SECRET_KEY_ENV},
         "logging": {"level": "info", "format": "console"},
     }
     return parse_config(data, environ)
@@ -167,6 +173,7 @@ async def _dev(port: int, tls: DevCertificates | None) -> None:
     from gateway.server import Listeners, serve
 
     environ = dict(os.environ)
+    environ[DEV_SECRET_KEY_ENV] = secrets.token_urlsafe(32)  # client secrets of this run
     key_file = dev_state_dir() / "dev-issuer.jwk.json"
     emulator: Emulator | None = None
     if environ.get("OPENAI_API_KEY"):
@@ -193,7 +200,9 @@ async def _dev(port: int, tls: DevCertificates | None) -> None:
                      tls=tls, missing=missing_modules()), flush=True)
     scheme = "https" if tls is not None else "http"
     print(f"Voice demo (microphone, in a browser): {scheme}://127.0.0.1:{port}/\n", flush=True)
-    demo = demo_routes(issuer, tenant, model=DEV_MODELS[0])
+    demo = demo_routes(issuer, tenant, model=DEV_MODELS[0],
+                       secrets_url=f"{scheme}://127.0.0.1:{port}/v1/realtime/client_secrets",
+                       verify=str(tls.ca_file) if tls is not None else True)
     try:
         await serve(config, Listeners("127.0.0.1", port, 0), extra_routes=demo, gateway=gateway)
     finally:

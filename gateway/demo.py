@@ -4,9 +4,10 @@ Development mode only (``gateway.cli`` mounts these routes in ``dev`` and nowher
 
 * ``GET /`` — ``static/demo.html``: Start/Stop, microphone capture in an AudioWorklet as
   PCM16 24 kHz mono (``audio/pcm``), gapless playback of the reply, live user and assistant
-  transcripts, errors and close codes/reasons shown on the page.  It opens
-  ``/language-model-service/ws/v1/open-ai/realtime?model=…`` with the single subprotocol
-  ``Bearer-<token>`` (the Foundry-style browser client of ``shared/notes/protocol.md`` row L).
+  transcripts, errors and close codes/reasons shown on the page.  It follows the seed
+  flow of CONTRACT §8: it asks its backend (``GET /_dev/secret``) for a client secret and
+  opens ``/v1/realtime?model=…`` with the subprotocols ``realtime`` and
+  ``openai-insecure-api-key.<ek>``, so the browser never holds the access token.
 * ``GET /static/<file>`` — the page's script and AudioWorklet module.
 * ``GET /_dev/token`` — a short-lived access token from the development issuer
   (:meth:`gateway.auth.dev_issuer.DevIssuer.mint`), as JSON
@@ -14,8 +15,12 @@ Development mode only (``gateway.cli`` mounts these routes in ``dev`` and nowher
   only to loopback clients that name a loopback host (``Host`` of 127.0.0.1, ::1 or
   localhost, so a DNS-rebound name cannot fetch it) and, when an ``Origin`` is sent, only
   to that same origin; everything else gets 403.  ``Cache-Control: no-store``.
+* ``GET /_dev/secret`` — what an app's backend does: mint an access token and exchange it
+  at the gateway's ``POST /v1/realtime/client_secrets`` for an ``ek_`` secret (300 s), as
+  JSON ``{"value": str, "expires_at": int (epoch seconds), "model": str, "path": str}``;
+  the same loopback rule.
 
-The token is never logged; the page keeps it in memory only.
+Tokens and secrets are never logged; the page keeps its secret in memory only.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ from gateway.config import TenantConfig, is_loopback_host
 from gateway.errors import Forbidden
 
 DEMO_PATH = "/language-model-service/ws/v1/open-ai/realtime"
-"""The WebSocket path the demo page opens (Foundry shape, ``Bearer-`` subprotocol)."""
+"""The WebSocket path the demo page opens with an access token (Foundry shape, ``Bearer-``
+subprotocol)."""
+SECRET_PATH = "/v1/realtime"  # noqa: S105 - a path
+"""The WebSocket path the demo page opens with a client secret (the seed flow:
+``["realtime", "openai-insecure-api-key." + ek]``)."""
 
 DEMO_SUBJECT = "demo-user"
 """The ``sub`` claim of tokens minted for the demo page."""
@@ -72,7 +81,9 @@ def is_local_request(request: Request) -> bool:
 
 
 def demo_routes(issuer: DevIssuer, tenant: TenantConfig, *, model: str,
-                token_ttl_seconds: int = DEFAULT_TOKEN_TTL_SECONDS) -> list[BaseRoute]:
+                token_ttl_seconds: int = DEFAULT_TOKEN_TTL_SECONDS,
+                secrets_url: str | None = None,
+                verify: str | bool = True) -> list[BaseRoute]:
     """The demo page's routes, to pass as ``extra_routes`` to :func:`gateway.server.serve`.
 
     Args:
@@ -81,6 +92,10 @@ def demo_routes(issuer: DevIssuer, tenant: TenantConfig, *, model: str,
             ``required_scope`` go into the token).
         model: the model the page asks for (must be one of ``tenant.models``).
         token_ttl_seconds: lifetime of each token handed to the page, seconds.
+        secrets_url: the gateway's ``POST …/v1/realtime/client_secrets`` URL; when given,
+            ``GET /_dev/secret`` plays the app backend of the seed flow: it mints an access
+            token and exchanges it there for a short-lived ``ek_`` for the page.
+        verify: for that request, ``httpx``'s ``verify`` (a CA file under ``dev --tls``).
 
     Raises:
         ValueError: ``model`` is not routed for ``tenant``.
@@ -94,21 +109,48 @@ def demo_routes(issuer: DevIssuer, tenant: TenantConfig, *, model: str,
         return FileResponse(pages / "demo.html", media_type="text/html; charset=utf-8",
                             headers=_NO_STORE)
 
+    def access_token() -> str:
+        return issuer.mint(issuer=tenant.auth.issuer, audience=audience, sub=DEMO_SUBJECT,
+                           scope=tenant.auth.required_scope, ttl_seconds=token_ttl_seconds)
+
     async def token(request: Request) -> Response:
         if not is_local_request(request):
-            refusal = Forbidden("development tokens are handed out to loopback only")
-            return Response(refusal.http_body(), status_code=refusal.http_status,
-                            headers={**refusal.http_headers(), **_NO_STORE})
-        value = issuer.mint(issuer=tenant.auth.issuer, audience=audience, sub=DEMO_SUBJECT,
-                            scope=tenant.auth.required_scope, ttl_seconds=token_ttl_seconds)
-        return JSONResponse({"token": value, "expires_in": token_ttl_seconds, "model": model,
-                             "path": DEMO_PATH}, headers=_NO_STORE)
+            return _refused(Forbidden("development tokens are handed out to loopback only"))
+        return JSONResponse({"token": access_token(), "expires_in": token_ttl_seconds,
+                             "model": model, "path": DEMO_PATH}, headers=_NO_STORE)
 
-    return [
+    async def secret(request: Request) -> Response:
+        if not is_local_request(request):
+            return _refused(Forbidden("development secrets are handed out to loopback only"))
+        assert secrets_url is not None
+        import httpx
+
+        body = {"expires_after": {"anchor": "created_at", "seconds": 300},
+                "session": {"type": "realtime", "model": model}}
+        async with httpx.AsyncClient(verify=verify, timeout=10) as client:
+            answer = await client.post(secrets_url, json=body,
+                                       headers={"Authorization": f"Bearer {access_token()}"})
+        if answer.status_code != 200:
+            return Response(answer.content, status_code=answer.status_code,
+                            media_type="application/json", headers=_NO_STORE)
+        minted = answer.json()
+        return JSONResponse({"value": minted["value"], "expires_at": minted["expires_at"],
+                             "model": model, "path": SECRET_PATH}, headers=_NO_STORE)
+
+    routes: list[BaseRoute] = [
         Route("/", page, methods=["GET"]),
         Route("/_dev/token", token, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=pages), name="static"),
     ]
+    if secrets_url is not None:
+        routes.append(Route("/_dev/secret", secret, methods=["GET"]))
+    return routes
 
 
-__all__ = ["DEMO_PATH", "DEMO_SUBJECT", "demo_routes", "is_local_request", "static_dir"]
+def _refused(refusal: Forbidden) -> Response:
+    return Response(refusal.http_body(), status_code=refusal.http_status,
+                    headers={**refusal.http_headers(), **_NO_STORE})
+
+
+__all__ = ["DEMO_PATH", "DEMO_SUBJECT", "SECRET_PATH", "demo_routes", "is_local_request",
+           "static_dir"]

@@ -96,12 +96,30 @@ rt.on("response.done", () => rt.close());""")
     else:
         lines += ["Node (openai): it dials wss:// only; run `realtime-gateway dev --tls` for its "
                   "snippet."]
+    http = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    curl_ca = f"--cacert {shlex.quote(str(tls.ca_file))} " if tls else ""
     lines += [
         "",
         "Browser:",
         f'    new WebSocket("{base}/language-model-service/ws/v1/open-ai/realtime'
         '?model=gpt-realtime",',
         '                  ["Bearer-" + token])',
+        "",
+        "Client secret for a browser (your backend mints it with the token; the browser never",
+        "holds the token):",
+        f"    curl {curl_ca}-s {http}/v1/realtime/client_secrets -H \"Authorization: Bearer "
+        "<token>\" \\",
+        '      -H "Content-Type: application/json" -d \'{"expires_after": {"anchor": '
+        '"created_at", "seconds": 300}}\'',
+        f"Python ({python_env}python mint.py):",
+        "    import openai",
+        f'    client = openai.OpenAI(api_key="<token>", base_url="{http}/v1")',
+        "    ek = client.realtime.client_secrets.create(",
+        '        expires_after={"anchor": "created_at", "seconds": 300}).value',
+        "    print(ek)",
+        "Then, in the browser:",
+        f'    new WebSocket("{base}/v1/realtime?model=gpt-realtime",',
+        '                  ["realtime", "openai-insecure-api-key." + ek])',
         "",
     ]
     lines += _install_hint([m for m in SNIPPET_MODULES if m in missing])

@@ -223,6 +223,12 @@ class HandOffConnection(ClientConnection):
         raw, self.raw = self.raw or [], []
         return b"".join(raw)
 
+    def write_text(self, text: str) -> None:
+        """Write one text message of the gateway's own (masked by the library) at once,
+        before the relay takes the transport over: it reaches the upstream first."""
+        self.protocol.send_text(text.encode())
+        self.transport.write(b"".join(self.protocol.data_to_send()))
+
     def hang_up(self, code: int, reason: str) -> None:
         """Close an upstream that never reached the relay: a close frame, then TCP close.
 

@@ -69,15 +69,19 @@ class HandshakeRequest:
                 return value
         return None
 
-    def model(self) -> str:
-        """The requested model: ``model=``, or ``deployment=`` on the Azure preview path.
+    def model(self) -> str | None:
+        """The requested model: ``model=``, or ``deployment=`` on the Azure preview path;
+        ``None`` when neither is present (only a client secret, which names its model, may
+        leave it out).
 
         Raises:
-            InvalidRequest: neither is present, or the value is implausible (400).
+            InvalidRequest: the value is empty or implausible (400).
         """
         model = self.param("model")
         if model is None and self.path == AZURE_PREVIEW_PATH:
             model = self.param("deployment")
+        if model is None:
+            return None
         if not model:
             raise InvalidRequest("the model query parameter is required")
         if len(model) > MAX_MODEL_NAME or not model.isprintable():

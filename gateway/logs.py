@@ -4,10 +4,11 @@ Every record — the gateway's own structlog events and the stdlib records of
 uvicorn, websockets, httpx — goes through one :class:`logging.Handler` whose
 formatter runs :func:`redact` before rendering.  Redaction masks, in every
 string value: ``Bearer <t>`` / ``Bearer-<t>`` values, ``openai-insecure-api-key.<t>``
-subprotocols, compact JWTs (``eyJ….….…``), ``sk-…`` keys, ``api-key`` /
-``authorization`` header dumps, and the exact secrets the configuration loaded
-(upstream API keys, introspection client secrets).  Keys that name a credential
-(``authorization``, ``token``, ``subprotocols`` …) are dropped whole.
+subprotocols, compact JWTs (``eyJ….….…``), ``sk-…`` keys, ``ek_…`` client secrets,
+``api-key`` / ``authorization`` header dumps, and the exact secrets the configuration
+loaded (upstream API keys, introspection client secrets, client-secret signing keys).
+Keys that name a credential (``authorization``, ``token``, ``subprotocols`` …) are dropped
+whole.
 
 uvicorn's and websockets' loggers print every request header at DEBUG (which
 includes ``Sec-WebSocket-Protocol: Bearer-<token>``).  At any level other than
@@ -42,6 +43,7 @@ _PATTERNS = (
     re.compile(r"(?i)((?:api-key|authorization|x-api-key)\s*[:=]\s*)[^\r\n,;\"']+"),
     re.compile(r"()eyJ[\w-]{2,}\.[\w-]{2,}\.[\w-]*"),
     re.compile(r"()sk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"()ek_[A-Za-z0-9_.-]{8,}"),  # client secrets (gateway-minted and OpenAI's)
     re.compile(r"(?i)((?:access_token|api_key|client_secret)=)[^&\s]+"),
 )
 _SECRET_KEYS = frozenset({

@@ -88,6 +88,12 @@ class Metrics:
         self.jwks_refreshes_total = Counter(
             f"{p}_jwks_refreshes", "JWKS fetches, by result (success, failure).",
             ["tenant", "result"], registry=r)
+        self.client_secrets_minted_total = Counter(
+            f"{p}_client_secrets_minted", "Client secrets (ek_) minted (CONTRACT §8).",
+            ["tenant"], registry=r)
+        self.client_secret_rejections_total = Counter(
+            f"{p}_client_secret_rejections", "Client-secret requests refused, by error code.",
+            ["tenant", "code"], registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while this replica drains.", registry=r)
         self.build_info = Gauge(f"{p}_build_info", "Build information.", ["version"],
                                 registry=r)

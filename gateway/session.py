@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.accounting import Account, Counters, Ending
 from gateway.auth.authenticator import Principal
+from gateway.auth.client_secrets import is_client_secret, session_model, session_update
 from gateway.config import ModelRoute, TenantConfig
 from gateway.credentials import Credentials, extract_credentials, select_subprotocol
 from gateway.errors import (
@@ -28,6 +29,7 @@ from gateway.errors import (
     TOKEN_EXPIRED,
     Forbidden,
     GatewayError,
+    InvalidRequest,
     SessionEnd,
     UpstreamTimeout,
 )
@@ -130,9 +132,12 @@ async def open_session(services: Services, request: HandshakeRequest,
     try:
         async with asyncio.timeout(services.config.server.handshake_timeout_seconds):
             request.check_origin(services.config.server.allowed_origins)
-            model = request.model()
+            requested = request.model()
+            if requested is None and not is_client_secret(credentials.token):
+                raise InvalidRequest("the model query parameter is required")
             principal = await services.authenticator.authenticate(credentials.token)
             try:
+                model = session_model(principal.secret, requested)
                 admitted = await _admit_and_dial(services, request, principal, model, phases)
             except GatewayError as exc:
                 exc.tenant = principal.tenant.id
@@ -221,6 +226,8 @@ def start_session(services: Services, registry: Registry, housekeeper: Housekeep
     """
     server = services.config.server
     upstream = admitted.upstream
+    if admitted.principal.secret is not None:  # before the relay takes the transport over
+        upstream.write_text(session_update(admitted.principal.secret))
     account = Account(admitted.principal, admitted.model, admitted.route.upstream,
                       admitted.lease, peer, services.metrics)
     relay = Relay(
@@ -231,7 +238,7 @@ def start_session(services: Services, registry: Registry, housekeeper: Housekeep
         ping_interval=server.ping_interval_seconds, ping_timeout=server.ping_timeout_seconds)
     live = RelayedSession(account, relay)
     registry.register(live)
-    account.open()
+    account.open(credential=admitted.principal.credential)
     live.task = asyncio.create_task(run_session(services, registry, housekeeper, live))
     return live
 

@@ -176,6 +176,11 @@ class Authenticator:
         """Seconds since each key-set tenant's last successful fetch (``None``: never)."""
         return {tenant_id: cache.age_seconds() for tenant_id, cache in self._caches.items()}
 
+    @property
+    def client_secret_keys(self) -> SigningKeys | None:
+        """The keys client secrets are signed and verified with (``None``: not configured)."""
+        return self._secret_keys
+
     def dev_issuer(self, tenant_id: str) -> DevIssuer | None:
         """The development issuer of tenant ``tenant_id``, if it configures one."""
         return self._dev_issuers.get(tenant_id)

@@ -522,3 +522,31 @@ __all__ = [
     "render_response",
     "verify",
 ]
+
+
+def session_model(claims: SecretClaims | None, requested: str | None) -> str:
+    """A session's model: the requested one; with a client secret (``claims``) the secret's,
+    which the request may name but not change (CONTRACT §8).
+
+    Raises:
+        Forbidden: a client secret's session asks for another model (403 / 4403).
+        InvalidRequest: no model at all (400).
+    """
+    if claims is not None:
+        if requested is not None and requested != claims.model:
+            raise Forbidden("this model is not available with this client secret",
+                            reason="client_secret_model")
+        return claims.model
+    if requested is None:
+        raise InvalidRequest("the model query parameter is required")
+    return requested
+
+
+def session_update(claims: SecretClaims) -> str:
+    """The GA ``session.update`` event (JSON text) that applies the secret's session template
+    upstream before the client's first event.  The model stays the one the upstream was
+    dialled with (the URL's, which may be an Azure deployment name), so the template's is
+    left out; ``type`` is ``realtime``."""
+    session = {key: value for key, value in claims.session.items() if key != "model"}
+    session["type"] = "realtime"
+    return _compact_json({"type": "session.update", "session": session}).decode()

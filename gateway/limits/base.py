@@ -104,6 +104,19 @@ class Limiter(Protocol):
         """
         ...
 
+    async def throttle(self, tenant: str, user: str, action: str,
+                       limits: LimitsConfig) -> None:
+        """Count one ``action`` (e.g. ``"mint"``, a client secret) of ``user`` against the
+        user's start rate: GCRA over ``session_starts_per_minute_per_user``, in a bucket of
+        its own per action (so minting a secret does not use up a session start).  No-op
+        when the tenant sets no start rate.
+
+        Raises:
+            RateLimited: over the rate; ``retry_after`` is seconds until one passes.
+            LimiterUnavailable: the storage did not answer.
+        """
+        ...
+
     async def ping(self) -> bool:
         """True when the backend can answer now (used by ``/readyz``)."""
         ...

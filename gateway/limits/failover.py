@@ -118,17 +118,30 @@ class FailoverLimiter:
         except LimiterUnavailable:
             self._report("admit")
             if self._fail_mode == "closed":
-                raise Unavailable(
-                    "admission is temporarily unavailable; retry shortly",
-                    retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS,
-                    reason="limiter",
-                ) from None
+                raise self._unavailable() from None
             await self._fallback.admit(lease, local)
             log.warning("limiter.fallback_admit", tenant=lease.tenant,
                         session_id=lease.session_id)
             return
         # Mirror the lease locally (renew never refuses) for a later outage.
         await self._fallback.renew(lease, local)
+
+    async def throttle(self, tenant: str, user: str, action: str,
+                       limits: LimitsConfig) -> None:
+        """Throttle through the primary; while it is unavailable, per ``fail_mode`` as for
+        :meth:`admit` (the fallback with this replica's share of the rate, or 503).
+
+        Raises:
+            RateLimited: over the rate.
+            Unavailable: the primary is unavailable and ``fail_mode`` is ``closed``.
+        """
+        try:
+            await self._primary.throttle(tenant, user, action, limits)
+        except LimiterUnavailable:
+            self._report("throttle")
+            if self._fail_mode == "closed":
+                raise self._unavailable() from None
+            await self._fallback.throttle(tenant, user, action, self.local_limits(limits))
 
     async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
         """Renew in the primary (re-acquiring lost slots) and in the local mirror.
@@ -197,6 +210,11 @@ class FailoverLimiter:
             await self._primary.aclose()
         finally:
             await self._fallback.aclose()
+
+    @staticmethod
+    def _unavailable() -> Unavailable:
+        return Unavailable("admission is temporarily unavailable; retry shortly",
+                           retry_after=UNAVAILABLE_RETRY_AFTER_SECONDS, reason="limiter")
 
     def _report(self, operation: str) -> None:
         log.warning("limiter.unavailable", operation=operation)

@@ -60,7 +60,9 @@ class MemoryLimiter:
         self._clock = clock
         self._tenant_slots: dict[str, dict[str, float]] = {}
         self._user_slots: dict[tuple[str, str], dict[str, float]] = {}
-        self._starts: dict[tuple[str, str], float] = {}
+        self._starts: dict[tuple[str, ...], float] = {}
+        """GCRA states: session starts by ``(tenant, user)``, other actions by
+        ``(tenant, user, action)``."""
         self._buckets: dict[str, _Bucket] = {}
         self._last_sweep = clock()
         self._closed = False
@@ -109,6 +111,24 @@ class MemoryLimiter:
         expiry = policy.lease_expiry(now, self._lease_seconds)
         self._tenant_slots.setdefault(lease.tenant, {})[lease.session_id] = expiry
         self._user_slots.setdefault(user_key, {})[lease.session_id] = expiry
+
+    async def throttle(self, tenant: str, user: str, action: str,
+                       limits: LimitsConfig) -> None:
+        """GCRA over ``session_starts_per_minute_per_user`` for ``action`` of ``user``, a
+        bucket per action; see :meth:`gateway.limits.base.Limiter.throttle`.
+
+        Raises:
+            AdmissionRefused: over the rate (``LimitKind.START_RATE``).
+        """
+        rate = limits.session_starts_per_minute_per_user
+        if rate is None:
+            return
+        key = (tenant, user, action)
+        decision = policy.gcra(self._now(), self._starts.get(key), rate)
+        if not decision.allowed:
+            raise AdmissionRefused(LimitKind.START_RATE, decision.retry_after)
+        assert decision.tat is not None
+        self._starts[key] = decision.tat
 
     async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
         """Extend the lease to ``now + lease_seconds`` (re-adding it if it expired,

@@ -63,7 +63,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 """Redis connections per limiter (per node for Redis Cluster).  One call holds one for
 about a round trip, so this serves thousands of sessions; calls beyond it wait for a
 free connection within their deadline (Redis Cluster: fail at once)."""
-_SCRIPTS = ("admit", "renew", "release", "charge")
+_SCRIPTS = ("admit", "renew", "release", "charge", "throttle")
 
 
 class CircuitBreaker:
@@ -266,6 +266,31 @@ class RedisLimiter:
         except (ValueError, IndexError):
             raise LimiterUnavailable("admit", "unexpected script reply") from None
         raise AdmissionRefused(kind, retry_after)
+
+    async def throttle(self, tenant: str, user: str, action: str,
+                       limits: LimitsConfig) -> None:
+        """Run ``throttle.lua``: the user's rate for ``action`` (GCRA on Redis time, a key
+        per action); see :meth:`gateway.limits.base.Limiter.throttle`.
+
+        Raises:
+            AdmissionRefused: over the rate (``LimitKind.START_RATE``).
+            LimiterUnavailable: Redis did not answer in time, failed, or the breaker is open.
+        """
+        rate = limits.session_starts_per_minute_per_user
+        if rate is None:
+            return
+        reply = await self._run(
+            "throttle", [tenant_key(tenant, action, "u", user)],
+            [rate, repr(policy.GCRA_TOLERANCE_SECONDS)])
+        if not isinstance(reply, list) or not reply:
+            raise LimiterUnavailable("throttle", "unexpected script reply")
+        if reply[0] == "ok":
+            return
+        try:
+            retry_after = float(reply[1])
+        except (ValueError, IndexError):
+            raise LimiterUnavailable("throttle", "unexpected script reply") from None
+        raise AdmissionRefused(LimitKind.START_RATE, retry_after)
 
     async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
         """Run ``renew.lua``: extend the lease (re-adding lost slots, even above the

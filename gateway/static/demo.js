@@ -1,12 +1,14 @@
 // The realtime-gateway voice demo (served by `realtime-gateway dev` at /).
 //
-// Start: fetch a short-lived token from the dev issuer (GET /_dev/token, loopback only),
-// open the Foundry path with the single subprotocol "Bearer-<token>", wait for
+// Start: ask the dev backend for a short-lived client secret (GET /_dev/secret, loopback
+// only: it mints an access token and exchanges it at POST /v1/realtime/client_secrets),
+// open /v1/realtime with the subprotocols ["realtime", "openai-insecure-api-key.<ek>"]
+// (the seed flow: the browser never holds the access token), wait for
 // session.created, send session.update (PCM16 24 kHz in and out, server VAD, input
 // transcription), then stream the microphone as input_audio_buffer.append events.
 // Replies are played gaplessly by an AudioWorklet; transcripts of both sides are shown live.
 // Stop: close with 1000. Errors (error events, failed responses, close codes and reasons)
-// are shown on the page. The token is kept in memory only and never printed.
+// are shown on the page. The secret is kept in memory only and never printed.
 
 const WIRE_RATE = 24000;
 const $ = (id) => document.getElementById(id);
@@ -90,9 +92,13 @@ function fromBase64(text) {
   return bytes.buffer;
 }
 
-async function fetchToken() {
-  const response = await fetch("/_dev/token", { cache: "no-store" });
-  if (!response.ok) throw new Error(`token endpoint answered HTTP ${response.status}`);
+async function fetchSecret() {
+  const response = await fetch("/_dev/secret", { cache: "no-store" });
+  if (!response.ok) {
+    let detail = `HTTP ${response.status}`;
+    try { detail = (await response.json()).error.message || detail; } catch (_) { /* text */ }
+    throw new Error(`the backend could not mint a client secret: ${detail}`);
+  }
   return response.json();
 }
 
@@ -212,7 +218,7 @@ async function start() {
   setStatus("connecting", "connecting…");
   let grant, audio;
   try {
-    grant = await fetchToken();
+    grant = await fetchSecret();
     audio = await openAudio();
   } catch (err) {
     showError(`could not start: ${err.message || err}`);
@@ -224,7 +230,7 @@ async function start() {
   ui.model.textContent = grant.model;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const url = `${scheme}://${location.host}${grant.path}?model=${encodeURIComponent(grant.model)}`;
-  const ws = new WebSocket(url, [`Bearer-${grant.token}`]);
+  const ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${grant.value}`]);
   call = { ws, ready: false, ...audio };
   ui.stop.disabled = false;
 

@@ -376,6 +376,24 @@ async def test_gcra_is_per_user(harness: Harness) -> None:
     await limiter.admit(lease("b1", user="bob"), limits)
 
 
+async def test_throttle_is_a_start_rate_of_its_own_per_action(harness: Harness) -> None:
+    """Minting client secrets (``throttle(..., "mint", ...)``) is limited at the start rate
+    in a bucket of its own: a burst of mints is refused once over, and neither uses up the
+    other's starts."""
+    limiter = await harness.limiter()
+    limits = make_limits(session_starts_per_minute_per_user=3)
+    for _ in range(3):
+        await limiter.throttle(TENANT, "alice", "mint", limits)
+    with pytest.raises(AdmissionRefused) as refusal:
+        await limiter.throttle(TENANT, "alice", "mint", limits)
+    assert refusal.value.limit is LimitKind.START_RATE
+    assert 19.0 < refusal.value.retry_after <= 20.0  # 3 a minute: one every 20 s
+    await limiter.throttle(TENANT, "bob", "mint", limits)  # per user
+    for i in range(3):  # session starts have their own bucket
+        await limiter.admit(lease(f"s{i}"), limits)
+    await limiter.throttle(TENANT, "alice", "mint", make_limits())  # no rate: no limit
+
+
 # --- token budget --------------------------------------------------------------------------
 
 

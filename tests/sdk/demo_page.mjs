@@ -45,11 +45,11 @@ try {
   report.closed = await page.textContent("#status");
   report.startEnabled = await page.isEnabled("#start");
 
-  // A refused token: the gateway accepts, sends an error event and closes 4401; the page
-  // must show both. The token endpoint is replaced for this second start only.
-  await page.route("**/_dev/token", async (route) => {
+  // A refused secret: the gateway accepts, sends an error event and closes 4401; the page
+  // must show both. The backend's secret endpoint is replaced for this second start only.
+  await page.route("**/_dev/secret", async (route) => {
     const grant = await (await route.fetch()).json();
-    await route.fulfill({ json: { ...grant, token: "not-a-valid-token" } });
+    await route.fulfill({ json: { ...grant, value: "ek_not-a-valid-secret" } });
   });
   await page.click("#start");
   await page.waitForSelector('#status[data-state="error"]', { timeout: 10000 });

@@ -116,9 +116,16 @@ async def test_token_endpoint_is_loopback_only(tmp_path: Path) -> None:
                                    headers={"Host": f"attacker.example:{dev.port}"})
         cross_site = await client.get(f"{dev.base}/_dev/token",
                                       headers={"Origin": "http://attacker.example"})
-    for refused in (rebound, cross_site):
+        minted = await client.get(f"{dev.base}/_dev/secret")  # the seed flow's backend
+        assert minted.status_code == 200 and minted.headers["cache-control"] == "no-store"
+        secret = minted.json()
+        assert secret["value"].startswith("ek_") and secret["path"] == "/v1/realtime"
+        assert secret["expires_at"] > 0 and secret["model"] == "gpt-realtime"
+        foreign = await client.get(f"{dev.base}/_dev/secret",
+                                   headers={"Origin": "http://attacker.example"})
+    for refused in (rebound, cross_site, foreign):
         assert refused.status_code == 403
-        assert "token" not in refused.json()
+        assert "token" not in refused.json() and "value" not in refused.json()
 
 
 async def test_voice_demo_in_chromium_with_fake_microphone(
@@ -153,7 +160,7 @@ async def test_voice_demo_in_chromium_with_fake_microphone(
     assert played and max(played) >= 1400, report["log"]  # the 1.5 s reply, in one stretch
     assert report["closed"] == "closed: 1000 user stopped" and report["startEnabled"]
 
-    # a refused token is shown on the page: the gateway's error event and the close code
+    # a refused secret is shown on the page: the gateway's error event and the close code
     assert report["refused"]["status"] == "closed: 4401 invalid_token"
     assert report["refused"]["errors"][0].startswith("invalid_token: ")
     assert report["refused"]["errors"][-1] == "connection closed: 4401 invalid_token"
@@ -163,6 +170,8 @@ async def test_voice_demo_in_chromium_with_fake_microphone(
     assert record["path"] == "/v1/realtime" and record["model"] == "gpt-realtime"
     assert record["audio_bytes"] > 48_000  # more than a second of microphone audio
     assert record["client_events"]["input_audio_buffer.append"] > 25
+    # the secret's session template went first, then the page's own session.update
+    assert record["client_events"]["session.update"] == 2
     events = record["server_events"]
     assert events["input_audio_buffer.speech_started"] >= 1  # energy VAD heard speech
     assert events["conversation.item.input_audio_transcription.completed"] >= 1

@@ -25,6 +25,8 @@ from gateway.server import DrainingServer, bound_port, uvicorn_config
 
 UPSTREAM_KEY = "emulator-upstream-key-0123456789"
 UPSTREAM_KEY_ENV = "TEST_UPSTREAM_KEY"
+SECRET_KEY_ENV = "TEST_CLIENT_SECRET_KEY"
+SECRET_KEY = "client-secret-signing-key-0123456789abcdef"
 ISSUER = "https://issuer.test/"
 AUDIENCE = "realtime-gateway"
 MODEL = "gpt-realtime"
@@ -40,10 +42,13 @@ def gateway_config(
     provider: str = "openai",
     connect_timeout: float = 5.0,
     redis: Mapping[str, Any] | None = None,
+    secret_keys: str | None = None,
 ) -> Config:
     """A one-tenant (``acme``) config whose issuer is a dev issuer keyed by ``key_file``.
 
-    ``upstream_url`` is the emulator's realtime URL (``ws://127.0.0.1:P/v1/realtime``).
+    ``upstream_url`` is the emulator's realtime URL (``ws://127.0.0.1:P/v1/realtime``);
+    ``secret_keys``, when given, enables ``client_secrets`` with that signing-key value
+    (``key`` or ``kid:key,kid:key``) in :data:`SECRET_KEY_ENV`.
     """
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "drain_seconds": 5,
@@ -61,7 +66,11 @@ def gateway_config(
     }
     if redis is not None:
         data["redis"] = dict(redis)
-    return parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    environ = {UPSTREAM_KEY_ENV: UPSTREAM_KEY}
+    if secret_keys is not None:
+        data["client_secrets"] = {"signing_key_env": SECRET_KEY_ENV}
+        environ[SECRET_KEY_ENV] = secret_keys
+    return parse_config(data, environ)
 
 
 def mint(key_file: Path, *, sub: str = "user-1", scope: str | None = DEFAULT_SCOPE,

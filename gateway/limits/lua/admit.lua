@@ -47,15 +47,10 @@ if full(KEYS[2], max_user) then
 end
 
 if rate > 0 then
-  local interval = 60 / rate
-  local tat = tonumber(redis.call('GET', KEYS[3]) or '')
-  if tat == nil or tat < now then tat = now end
-  local new_tat = tat + interval
-  local allow_at = new_tat - rate * interval
-  if allow_at - now > tolerance then
-    return {'start_rate', num(ceil_us(allow_at - now))}
+  local wait = gcra(KEYS[3], rate, tolerance, now)
+  if wait ~= nil then
+    return {'start_rate', num(wait)}
   end
-  redis.call('SET', KEYS[3], num(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
 end
 
 local expiry = now + lease

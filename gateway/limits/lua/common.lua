@@ -56,3 +56,18 @@ end
 local function drop_expired(key, now)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', num(now))
 end
+
+-- GCRA for one user action (policy.gcra, burst = rate): nil when it passes (the new
+-- theoretical arrival time is stored), else the seconds until it would (nothing written).
+local function gcra(key, rate, tolerance, now)
+  local interval = 60 / rate
+  local tat = tonumber(redis.call('GET', key) or '')
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - rate * interval
+  if allow_at - now > tolerance then
+    return ceil_us(allow_at - now)
+  end
+  redis.call('SET', key, num(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
+  return nil
+end
