@@ -74,7 +74,7 @@ def browser(gw: RunningGateway, secret: str, model: str | None = MODEL) -> Any:
 
 
 async def first_events(ws: ClientConnection, n: int) -> list[dict[str, Any]]:
-    events = []
+    events: list[dict[str, Any]] = []
     async with asyncio.timeout(10):
         while len(events) < n:
             events.append(json.loads(await ws.recv()))
@@ -291,7 +291,7 @@ async def test_a_secret_session_closes_4401_when_the_minting_token_expires(
     async with browser(gw, secret) as ws:
         await first_events(ws, 1)
         async with asyncio.timeout(10):
-            events = []
+            events: list[dict[str, Any]] = []
             with pytest.raises(ConnectionClosed):
                 while True:
                     events.append(json.loads(await ws.recv()))
