@@ -134,3 +134,38 @@ async def test_refusals_log_no_error_and_no_traceback(
     assert not [r for r in records if "exception" in r or "Traceback" in json.dumps(r)]
     errors = [r["event"] for r in records if r.get("level") in ("error", "critical")]
     assert errors == []
+
+
+async def test_client_secrets_reach_no_log_line_at_debug(
+        emulator: Emulator, key_file: Path, tokens: Tokens, sweep: LeakSweep) -> None:
+    """CONTRACT §8: a minted ``ek_`` (and the key that signs it) is in no log line, header
+    dump, event or metric — minted, used in every carrier, and refused when tampered."""
+    import httpx
+
+    from tests.support.gateway import SECRET_KEY
+
+    sweep.secret(SECRET_KEY)
+    config = gateway_config(f"{emulator.url}/v1/realtime", key_file,
+                            server={"drain_seconds": 0}, secret_keys=SECRET_KEY)
+    async with serve(sweep, config) as gw:
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{gw.http}/v1/realtime/client_secrets", json={},
+                                       headers={"Authorization": f"Bearer {tokens.mint()}"})
+        assert answer.status_code == 200
+        secret = sweep.secret(answer.json()["value"])
+        for kwargs in ({"additional_headers": {"Authorization": f"Bearer {secret}"}},
+                       {"additional_headers": {"api-key": secret}},
+                       {"subprotocols": [Subprotocol("realtime"),
+                                         Subprotocol(f"openai-insecure-api-key.{secret}")]},
+                       {"subprotocols": [Subprotocol(f"Bearer-{secret}")]}):
+            ws = await open_session(sweep, gw.url(), "", **kwargs)
+            await round_trip(ws)
+            await ws.close()
+        tampered = secret[:-4] + ("AAAA" if not secret.endswith("AAAA") else "BBBB")
+        async with connect(gw.url(), subprotocols=[
+                Subprotocol("realtime"), Subprotocol(f"openai-insecure-api-key.{tampered}")]) as ws:
+            closed = await closed_session(sweep, ws)
+        assert closed.code == 4401
+    text = sweep.log_text
+    assert "ek_" not in text.replace("ek_[REDACTED]", "")  # the prefix alone never leaks more
+    assert "openai-insecure-api-key.[redacted]" in text.lower()  # the dumps were there

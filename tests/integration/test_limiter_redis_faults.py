@@ -134,6 +134,30 @@ async def test_redis_stopped_fail_closed_refuses_with_503(
     await replica.limiter.release(lease("s1"))
 
 
+@pytest.mark.parametrize("fail_mode", ["open", "closed"])
+async def test_throttle_with_redis_stopped_follows_the_fail_mode(
+    redis_server: RedisServer, replicas: list[Replica], fail_mode: Literal["open", "closed"]
+) -> None:
+    """Minting client secrets (``throttle``) fails like admission: open → this replica's
+    share of the rate; closed → 503 with the ``limiter`` reason."""
+    replica = Replica(redis_server.url, fail_mode, replicas=2)
+    replicas.append(replica)
+    limits = make_limits(session_starts_per_minute_per_user=4)
+    await replica.limiter.throttle("acme", "alice", "mint", limits)  # through Redis
+    await redis_server.astop()
+    if fail_mode == "closed":
+        with pytest.raises(Unavailable) as info:
+            await replica.limiter.throttle("acme", "alice", "mint", limits)
+        assert (info.value.http_status, info.value.reason) == (503, "limiter")
+    else:
+        for _ in range(2):  # 4 a minute over 2 replicas: 2 here
+            await replica.limiter.throttle("acme", "alice", "mint", limits)
+        with pytest.raises(AdmissionRefused) as refused:
+            await replica.limiter.throttle("acme", "alice", "mint", limits)
+        assert refused.value.limit is LimitKind.START_RATE
+    assert replica.errors.operations[0] == "throttle"
+
+
 async def test_redis_restarted_restores_shared_limits_without_a_new_limiter(
     redis_server: RedisServer, replicas: list[Replica]
 ) -> None:
