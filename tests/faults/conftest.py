@@ -1,4 +1,4 @@
-"""Fixtures and helpers for the fault tests (issue 8), and the log and label sweep.
+"""Fixtures and helpers for the fault tests, and the log and label sweep.
 
 Every test in ``tests/faults`` runs with the gateway's logging configured at DEBUG
 (:func:`gateway.logs.configure_logging`, the production processors and redaction) into

@@ -1,4 +1,4 @@
-"""Client faults and hostile client input through a real gateway (issue 8, item 3).
+"""Client faults and hostile client input through a real gateway.
 
 Security note §6 cases 2, 4 and 30-35.  Where the fault is on the network (a client
 that vanishes without FIN, a trickled handshake) it is produced for real: by the fault

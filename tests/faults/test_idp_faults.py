@@ -1,4 +1,4 @@
-"""Identity-provider faults seen by clients of a real gateway (issue 8, item 4).
+"""Identity-provider faults seen by clients of a real gateway.
 
 Security note §6 cases 12-15 at gateway level.  The tenant's ``jwks_uri`` points at the
 fault proxy in front of a loopback identity provider (:class:`tests.support.idp.IdpServer`),

@@ -1,4 +1,4 @@
-"""The log and label sweep (issue 8, item 8; security note §6 case 40).
+"""The log and label sweep (security note §6 case 40).
 
 The sweep itself is the autouse fixture of ``tests/faults/conftest.py``: every test in
 this directory runs with DEBUG logging and ends with a search for credentials in logs,

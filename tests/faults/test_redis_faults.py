@@ -1,4 +1,4 @@
-"""Redis faults under a live gateway, produced for real by the fault proxy (issue 8, item 1).
+"""Redis faults under a live gateway, produced for real by the fault proxy.
 
 Security note §6 cases 24-26 at gateway level: the gateway's limiter talks to a real
 ``redis-server`` through :class:`~tests.faults.proxy.FaultProxy`, which refuses, black-

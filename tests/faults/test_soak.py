@@ -1,6 +1,5 @@
 """Soak: 100 concurrent sessions against the emulator, with usage events and random client
-disconnects, and no growth of memory, file descriptors, tasks or Redis keys (issue 8,
-item 7).
+disconnects, and no growth of memory, file descriptors, tasks or Redis keys.
 
 Every worker opens a session, asks for responses (each ends with a ``response.done``
 carrying usage, charged to the tenant's token bucket in Redis) and then leaves in one of

@@ -1,4 +1,4 @@
-"""Upstream faults, produced for real, through a real gateway (issue 8, item 2).
+"""Upstream faults, produced for real, through a real gateway.
 
 Security note §6 cases 27-29 and the upstream half of 33 and 35.  The gateway dials the
 upstream emulator through :class:`~tests.faults.proxy.FaultProxy`, which refuses,

@@ -1,4 +1,4 @@
-"""Shared admission through Redis, seen by clients of real gateways (issue 3).
+"""Shared admission through Redis, seen by clients of real gateways.
 
 Every test starts its own ``redis-server`` (or a three-node Redis Cluster) on a free
 loopback port, never the machine's Redis on 6379.  Where the process boundary is the

@@ -1,5 +1,5 @@
 """Policy enforced by a real gateway: the per-replica session cap, the ``Origin`` allow-list
-and model pinning (issue 8, item 5; security note §6 cases 18 and 36).
+and model pinning (security note §6 cases 18 and 36).
 
 Already proven elsewhere: one refusal per CONTRACT §5 row, including ``Origin:
 https://evil.example`` and a faked full replica, for header and subprotocol clients
