@@ -61,10 +61,6 @@ class Account:
     _published: Counters = (0, 0, 0, 0)
 
     @property
-    def session_id(self) -> str:
-        return self.lease.session_id
-
-    @property
     def tenant(self) -> TenantConfig:
         return self.principal.tenant
 
@@ -125,7 +121,7 @@ class Account:
         (``fields`` are added to it)."""
         self.metrics.sessions_active.labels(*self.labels).inc()
         p = self.principal
-        log.info("session.start", session_id=self.session_id, tenant=p.tenant.id,
+        log.info("session.start", session_id=self.lease.session_id, tenant=p.tenant.id,
                  subject=p.subject, model=self.model, upstream=self.upstream,
                  client=self.peer, **fields)
 
@@ -144,7 +140,7 @@ class Account:
             m.closes_total.labels(ending.initiator, str(ending.close_code)).inc()
         p = self.principal
         log.info(
-            "session.end", session_id=self.session_id, tenant=p.tenant.id,
+            "session.end", session_id=self.lease.session_id, tenant=p.tenant.id,
             subject=p.subject, model=self.model, upstream=self.upstream,
             duration_s=round(duration, 3), outcome=ending.outcome,
             close_code=ending.close_code, close_initiator=ending.initiator,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import os
 import secrets
 import stat
 from collections.abc import Iterator
@@ -39,13 +38,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.private_files import PRIVATE_MODE, write_private
+
 VALIDITY = datetime.timedelta(days=90)
 """How long a new CA and server certificate are valid."""
 
 RENEW_BEFORE = datetime.timedelta(days=1)
 """Certificates closer than this to their expiry are replaced rather than reused."""
 
-KEY_FILE_MODE = 0o600
+KEY_FILE_MODE = PRIVATE_MODE
 LOOPBACK_IP = ipaddress.ip_address("127.0.0.1")
 LOOPBACK_NAME = "localhost"
 _BACKDATE = datetime.timedelta(minutes=5)  # tolerate a client clock slightly behind ours
@@ -82,13 +83,9 @@ def ensure_certificates(directory: Path, *,
         DevTLSError: the directory or a file cannot be created or written.
     """
     moment = now or datetime.datetime.now(datetime.UTC)
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with _locked(directory):
-            current = _load_valid(directory, moment)
-            return current if current is not None else _create(directory, moment, VALIDITY)
-    except OSError as exc:
-        raise DevTLSError(f"cannot create TLS files in {directory}: {exc}") from None
+    with _locked_dir(directory):
+        current = _load_valid(directory, moment)
+        return current if current is not None else _create(directory, moment, VALIDITY)
 
 
 def create_certificates(directory: Path, *, validity: datetime.timedelta = VALIDITY,
@@ -100,10 +97,18 @@ def create_certificates(directory: Path, *, validity: datetime.timedelta = VALID
         DevTLSError: the directory or a file cannot be created or written.
     """
     moment = now or datetime.datetime.now(datetime.UTC)
+    with _locked_dir(directory):
+        return _create(directory, moment, validity)
+
+
+@contextlib.contextmanager
+def _locked_dir(directory: Path) -> Iterator[None]:
+    """``directory`` made (mode 0700) and locked for the block; an ``OSError`` in it
+    becomes :class:`DevTLSError`."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with _locked(directory):
-            return _create(directory, moment, validity)
+            yield
     except OSError as exc:
         raise DevTLSError(f"cannot create TLS files in {directory}: {exc}") from None
 
@@ -195,28 +200,12 @@ def _create(directory: Path, now: datetime.datetime,
         .sign(ca_key, hashes.SHA256())
     )
     ca_file, cert_file, key_file = certificate_files(directory)
-    _write(key_file, key.private_bytes(serialization.Encoding.PEM,
+    write_private(key_file, key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
-    _write(cert_file, cert.public_bytes(serialization.Encoding.PEM))
-    _write(ca_file, ca.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(ca_file, ca.public_bytes(serialization.Encoding.PEM))
     return DevCertificates(ca_file, cert_file, key_file, end)
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with ``data``, mode 0600 whatever the umask."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, KEY_FILE_MODE)
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
 
 
 __all__ = ["RENEW_BEFORE", "VALIDITY", "DevCertificates", "DevTLSError", "certificate_files",

@@ -13,11 +13,9 @@ dev tokens exactly like any other issuer's; :meth:`DevIssuer.mint` signs access 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,9 +25,11 @@ from typing import Any
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey
 
+from gateway.private_files import PRIVATE_MODE, write_private
+
 ALGORITHM = "ES256"
 CURVE = "P-256"
-KEY_FILE_MODE = 0o600
+KEY_FILE_MODE = PRIVATE_MODE
 
 
 class DevIssuerError(Exception):
@@ -150,22 +150,9 @@ class DevIssuer:
         key = ECKey.generate_key(CURVE, parameters={"alg": ALGORITHM, "use": "sig"}, private=True)
         key.ensure_kid()
         body = json.dumps(key.as_dict(private=True), separators=(",", ":")).encode()
-        directory = self.key_file.parent
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temp = directory / f".{self.key_file.name}.{secrets.token_hex(8)}.tmp"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(body)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(temp, stat.S_IRUSR | stat.S_IWUSR)  # despite any umask
-                with contextlib.suppress(FileExistsError):  # another process won the race
-                    os.link(temp, self.key_file)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
+            self.key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(self.key_file, body, replace=False)  # another process may win
         except OSError as exc:
             raise DevIssuerError(
                 f"cannot create development issuer key file {self.key_file}: {exc.strerror}"

@@ -256,16 +256,7 @@ class RedisLimiter:
                 repr(policy.GCRA_TOLERANCE_SECONDS),
             ],
         )
-        if not isinstance(reply, list) or not reply:
-            raise LimiterUnavailable("admit", "unexpected script reply")
-        if reply[0] == "ok":
-            return
-        try:
-            kind = LimitKind(reply[0])
-            retry_after = float(reply[1])
-        except (ValueError, IndexError):
-            raise LimiterUnavailable("admit", "unexpected script reply") from None
-        raise AdmissionRefused(kind, retry_after)
+        _raise_refusal("admit", reply)
 
     async def throttle(self, tenant: str, user: str, action: str,
                        limits: LimitsConfig) -> None:
@@ -282,15 +273,7 @@ class RedisLimiter:
         reply = await self._run(
             "throttle", [tenant_key(tenant, action, "u", user)],
             [rate, repr(policy.GCRA_TOLERANCE_SECONDS)])
-        if not isinstance(reply, list) or not reply:
-            raise LimiterUnavailable("throttle", "unexpected script reply")
-        if reply[0] == "ok":
-            return
-        try:
-            retry_after = float(reply[1])
-        except (ValueError, IndexError):
-            raise LimiterUnavailable("throttle", "unexpected script reply") from None
-        raise AdmissionRefused(LimitKind.START_RATE, retry_after)
+        _raise_refusal("throttle", reply)
 
     async def renew(self, lease: Lease, limits: LimitsConfig) -> Balance:
         """Run ``renew.lua``: extend the lease (re-adding lost slots, even above the
@@ -392,6 +375,22 @@ class RedisLimiter:
             raise LimiterUnavailable(operation, _describe(exc, self._timeout)) from exc
         self._breaker.record_success()
         return result
+
+
+def _raise_refusal(operation: str, reply: Any) -> None:
+    """Read an ``admit``/``throttle`` script reply: return on ``{'ok'}``; raise
+    :class:`AdmissionRefused` for ``{limit, retry_after_seconds}``; raise
+    :class:`LimiterUnavailable` for anything else."""
+    if not isinstance(reply, list) or not reply:
+        raise LimiterUnavailable(operation, "unexpected script reply")
+    if reply[0] == "ok":
+        return
+    try:
+        kind = LimitKind(reply[0])
+        retry_after = float(reply[1])
+    except (ValueError, IndexError):
+        raise LimiterUnavailable(operation, "unexpected script reply") from None
+    raise AdmissionRefused(kind, retry_after)
 
 
 def _connect(url: str, timeout: float, max_connections: int) -> Redis | RedisCluster:
