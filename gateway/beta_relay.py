@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
@@ -158,7 +158,9 @@ class _Peer(asyncio.Protocol):
         for frame in ws.events_received():
             assert isinstance(frame, Frame)  # an OPEN protocol yields frames only
             opcode = frame.opcode
-            data = cast(bytes, frame.data)  # the parser's frames hold bytes
+            data = frame.data  # bytes (unmasked by the C speed-up) or a bytearray slice
+            if type(data) is not bytes:
+                data = bytes(data)
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 if frame.fin:
                     self._deliver(opcode, data)
