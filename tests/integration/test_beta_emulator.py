@@ -498,3 +498,17 @@ async def test_beta_clients_refused_when_configured(emulator: Emulator, key_file
     assert "/v1/realtime" in event["error"]["message"]
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4400
     assert len(emulator_sessions(emulator)) == 1  # the beta client was never dialled
+
+
+@pytest.mark.parametrize("path", ["/v1/realtime", "/openai/v1/realtime", "/openai/realtime",
+                                  "/language-model-service/ws/v1/open-ai/realtime"])
+async def test_deployment_names_the_model_on_every_path(gw: RunningGateway, emulator: Emulator,
+                                                        key_file: Path, path: str) -> None:
+    url = f"ws://127.0.0.1:{gw.port}{path}?deployment=alias&api-version=2025-08-28"
+    async with connect(url, additional_headers={"api-key": mint(key_file)}) as ws:
+        created = json.loads(await ws.recv())
+        assert created["type"] == "session.created"
+        assert created["session"]["type"] == "realtime"  # GA: a GA api-version is not beta
+    record = emulator_sessions(emulator)[-1]
+    assert record["model"] == MODEL  # alias → its upstream_model
+    assert not {"deployment", "api-version", "api-key"} & set(record["query"])
