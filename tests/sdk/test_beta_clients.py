@@ -101,6 +101,24 @@ async def test_rt_client_browser_build_in_chromium(gw: RunningGateway, emulator:
     assert run.result["userAgent"].startswith("Mozilla/")  # it ran in the browser
 
 
+async def test_rt_client_browser_build_reads_a_refusal(gw: RunningGateway, emulator: Emulator,
+                                                       key_file: Path) -> None:
+    """A bad token in the query: accepted, one ``error`` event rt-client hands to the app
+    (a browser cannot read an HTTP status), then the close; the upstream is never dialled."""
+    chromium = chromium_or_skip()
+    token = mint(key_file)
+    with serve_directory(SDK_DIR) as base:
+        run = await run_node("rt_client.mjs", {
+            "endpoint": f"http://127.0.0.1:{gw.port}", "token": token[:-4] + "AAAA",
+            "deployment": MODEL, "audio": "", "chromium": chromium,
+            "flags": list(CHROMIUM_FLAGS), "page": f"{base}/pages/rt-client.html"},
+            packages=["rt-client", "playwright-core"])
+    report = run.result
+    assert report["events"] == ["error"], report
+    assert report["error"]["code"] == "invalid_token"
+    assert emulator_sessions(emulator) == []
+
+
 async def test_openai_node_beta_realtime_ws_over_tls(emulator: Emulator, key_file: Path,
                                                      tmp_path: Path) -> None:
     ca = make_test_ca(tmp_path / "tls")
