@@ -512,3 +512,31 @@ async def test_deployment_names_the_model_on_every_path(gw: RunningGateway, emul
     record = emulator_sessions(emulator)[-1]
     assert record["model"] == MODEL  # alias → its upstream_model
     assert not {"deployment", "api-version", "api-key"} & set(record["query"])
+
+
+async def test_azure_openai_python_beta_client_is_translated(
+        gw: RunningGateway, emulator: Emulator, key_file: Path) -> None:
+    """``AsyncAzureOpenAI(...).beta.realtime``: the preview path, a preview api-version, the
+    ``api-key`` header and ``OpenAI-Beta``; the upstream sees none of them."""
+    client = AsyncAzureOpenAI(api_key=mint(key_file), azure_endpoint=f"http://127.0.0.1:{gw.port}",
+                              api_version="2025-04-01-preview",
+                              websocket_base_url=f"ws://127.0.0.1:{gw.port}/openai")
+    text = ""
+    async with client.beta.realtime.connect(model=MODEL) as conn:
+        await conn.session.update(session={"modalities": ["text"]})
+        await conn.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Hello Azure beta"}]})
+        await conn.response.create()
+        async with asyncio.timeout(15):
+            async for event in conn:
+                assert event.type != "error", event
+                if event.type == "response.text.delta":
+                    text += event.delta
+                if event.type == "response.done":
+                    break
+    await client.close()
+    assert text == "You said: Hello Azure beta"
+    record = emulator_sessions(emulator)[-1]
+    assert record["path"] == "/v1/realtime" and record["openai_beta"] is None
+    assert not {"api-version", "deployment", "api-key"} & set(record["query"])
