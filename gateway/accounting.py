@@ -44,7 +44,8 @@ class Account:
     """One session's usage and counters.
 
     ``model`` is the client-facing model name, ``upstream`` the upstream's config name,
-    ``peer`` the client's ``host:port``; ``started`` is monotonic seconds.
+    ``peer`` the client's ``host:port``; ``protocol`` the client's Realtime protocol
+    (``ga``, or ``beta`` for a translated session); ``started`` is monotonic seconds.
     """
 
     principal: Principal
@@ -53,6 +54,7 @@ class Account:
     lease: Lease
     peer: str
     metrics: Metrics
+    protocol: str = "ga"
     started: float = field(default_factory=time.monotonic)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     """Tokens counted so far, by CONTRACT §6 kind."""
@@ -119,11 +121,14 @@ class Account:
     def open(self, **fields: Any) -> None:
         """The session is live: ``sessions_active`` +1 and the ``session.start`` line
         (``fields`` are added to it)."""
-        self.metrics.sessions_active.labels(*self.labels).inc()
+        m = self.metrics
+        m.sessions_active.labels(*self.labels).inc()
+        m.protocol_sessions_active.labels(self.protocol).inc()
+        m.protocol_sessions_total.labels(self.protocol).inc()
         p = self.principal
         log.info("session.start", session_id=self.lease.session_id, tenant=p.tenant.id,
                  subject=p.subject, model=self.model, upstream=self.upstream,
-                 client=self.peer, **fields)
+                 client=self.peer, protocol=self.protocol, **fields)
 
     def close(self, ending: Ending, counters: Counters) -> None:
         """The session ended: publish the last counters, ``sessions_active`` minus one,
@@ -134,6 +139,7 @@ class Account:
         m = self.metrics
         labels = self.labels
         m.sessions_active.labels(*labels).dec()
+        m.protocol_sessions_active.labels(self.protocol).dec()
         m.sessions_total.labels(*labels, ending.outcome).inc()
         m.session_duration_seconds.labels(labels[0], self.model).observe(duration)
         if ending.close_code is not None and ending.initiator is not None:

@@ -62,6 +62,10 @@ class ServerConfig(_Model):
     """A peer that accepts no data for this long is a slow consumer: the session closes."""
     ping_interval_seconds: PositiveFloat = 20.0
     ping_timeout_seconds: PositiveFloat = 20.0
+    beta_clients: Literal["translate", "refuse"] = "translate"
+    """Realtime beta-protocol clients (CONTRACT §10, :func:`gateway.beta.is_beta`):
+    ``translate`` serves them on the GA upstream through :mod:`gateway.beta_relay`;
+    ``refuse`` answers with an ``error`` event naming the GA path and closes 4400."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

@@ -70,6 +70,9 @@ class GatewayError(Exception):
     http_status: ClassVar[int] = 400
     code: ClassVar[str] = "invalid_request"
     www_authenticate: ClassVar[str | None] = None
+    in_band: ClassVar[bool] = False
+    """Whether the refusal is always delivered after accepting (``error`` event + close),
+    whatever carried the credential."""
 
     def __init__(
         self, message: str, *, retry_after: float | None = None, reason: str | None = None
@@ -109,6 +112,20 @@ class InvalidRequest(GatewayError):
 
     http_status = 400
     code = "invalid_request"
+
+
+class BetaRefused(InvalidRequest):
+    """A Realtime beta-protocol client while ``server.beta_clients`` is ``refuse`` (400 /
+    4400, ``reason="beta_protocol"``).  Always answered in band, as OpenAI answers beta
+    clients (accept, ``error`` event, close), so every beta SDK shows the message."""
+
+    in_band = True
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the Realtime beta protocol is not served here: use the GA protocol on "
+            "/v1/realtime (or /openai/v1/realtime) without the OpenAI-Beta: realtime=v1 "
+            "header or a preview api-version", reason="beta_protocol")
 
 
 class MissingCredentials(GatewayError):

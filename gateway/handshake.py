@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from gateway.credentials import Credentials, select_subprotocol
+from gateway.beta import AZURE_PREVIEW_PATH
+from gateway.credentials import CREDENTIAL_PARAMS, Credentials, select_subprotocol
 from gateway.errors import Forbidden, GatewayError, InvalidRequest
 
-AZURE_PREVIEW_PATH = "/openai/realtime"
 REALTIME_PATHS = ("/v1/realtime", "/openai/v1/realtime", AZURE_PREVIEW_PATH,
                   "/language-model-service/ws/v1/open-ai/realtime")
 """The WebSocket paths of CONTRACT §3."""
@@ -63,6 +63,12 @@ class HandshakeRequest:
                 return value.decode("latin-1")
         return None
 
+    @property
+    def has_query_credential(self) -> bool:
+        """Whether a credential query parameter (``api-key=``, ``Authorization=``) was sent,
+        well-formed or not (its client is refused in band)."""
+        return any(key.lower() in CREDENTIAL_PARAMS for key, _ in self.query)
+
     def param(self, name: str) -> str | None:
         for key, value in self.query:
             if key == name:
@@ -70,15 +76,15 @@ class HandshakeRequest:
         return None
 
     def model(self) -> str | None:
-        """The requested model: ``model=``, or ``deployment=`` on the Azure preview path;
-        ``None`` when neither is present (only a client secret, which names its model, may
-        leave it out).
+        """The requested model: ``model=``, or ``deployment=`` (Azure's name for it, taken
+        on every realtime path) when there is no ``model=``; ``None`` when neither is
+        present (only a client secret, which names its model, may leave it out).
 
         Raises:
             InvalidRequest: the value is empty or implausible (400).
         """
         model = self.param("model")
-        if model is None and self.path == AZURE_PREVIEW_PATH:
+        if model is None:
             model = self.param("deployment")
         if model is None:
             return None
@@ -103,8 +109,10 @@ class HandshakeRequest:
 async def refuse(send: Send, exc: GatewayError, request: HandshakeRequest,
                  credentials: Credentials | None) -> None:
     """Answer a refused upgrade (CONTRACT §5): an HTTP status for header clients;
-    accept + ``error`` event + close ``4000 + status`` for subprotocol clients."""
-    browser = credentials.in_subprotocol if credentials else bool(request.subprotocols)
+    accept + ``error`` event + close ``4000 + status`` for subprotocol and query-credential
+    clients (:attr:`Credentials.refused_in_band`)."""
+    browser = exc.in_band or (credentials.refused_in_band if credentials
+                              else bool(request.subprotocols) or request.has_query_credential)
     with contextlib.suppress(OSError, RuntimeError):
         if browser:
             await send({"type": "websocket.accept",

@@ -16,6 +16,13 @@ includes ``Sec-WebSocket-Protocol: Bearer-<token>``).  At any level other than
 everything) their header dumps pass, and the redaction — tested against those
 exact dumps for every carrier — is what keeps credentials out.
 
+Request paths are logged without their query: a query may carry a credential
+(``api-key=``, ``Authorization=Bearer …``: Azure's browser clients, CONTRACT §4) and
+other client values, and uvicorn's ``"WebSocket /path?query" [accepted]`` lines and the
+DEBUG request lines of websockets and uvicorn print it whole.  :func:`strip_query`
+removes every query from the messages of stdlib records (uvicorn, websockets, httpx)
+before redaction.
+
 The main and the metrics server both log through uvicorn's one logger
 (``uvicorn.error``): :func:`serving_as` runs a server so that uvicorn's records
 from it carry ``server=<name>`` ("Started server process", "Uvicorn running on
@@ -53,6 +60,10 @@ _SECRET_KEYS = frozenset({
 _T = TypeVar("_T")
 _SERVER: ContextVar[str | None] = ContextVar("gateway_logs_server", default=None)
 """The name of the uvicorn server whose task (and its children) is logging, if any."""
+_QUERY = re.compile(
+    r"""((?:^|(?<=[\s"'(=]))(?:[a-z][a-z0-9+.-]*://[^\s/?"']*)?/[^\s?"']*)\?[^\s"']*""",
+    re.IGNORECASE)
+"""A request target or URL (``/path?query``, ``wss://host/path?query``) and its query."""
 NOISY_LOGGERS = ("uvicorn.error", "uvicorn.access", "websockets", "websockets.client",
                  "websockets.server", "httpx", "httpcore")
 
@@ -115,6 +126,21 @@ def _name_server(logger: Any, method: str, event: MutableMapping[str, Any]) -> A
     return event
 
 
+def strip_query(text: str) -> str:
+    """``text`` with the query of every request target or URL in it removed:
+    ``"WebSocket /openai/realtime?api-key=T" [accepted]`` → ``"WebSocket /openai/realtime"
+    [accepted]``, ``GET /v1/realtime?model=m HTTP/1.1`` → ``GET /v1/realtime HTTP/1.1``."""
+    return _QUERY.sub(r"\1", text) if "?" in text else text
+
+
+def _strip_queries(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    """structlog processor (stdlib records only): no request query in the message."""
+    message = event.get("event")
+    if isinstance(message, str):
+        event["event"] = strip_query(message)
+    return event
+
+
 def _render_exc(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return structlog.processors.format_exc_info(logger, method, event)
 
@@ -142,7 +168,7 @@ def configure_logging(level: str = "info", fmt: str = "json", *, secrets: Iterab
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, _name_server],
+        foreign_pre_chain=[*shared, _name_server, _strip_queries],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _render_exc,

@@ -36,7 +36,9 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 class Metrics:
     """Every metric of CONTRACT §6, plus ``tenant_max_sessions{tenant}`` and
     ``tenant_tokens_per_minute{tenant}`` (configured limits, for the "near the tenant cap" and
-    "token budget" alerts) and the standard process/platform collectors.
+    "token budget" alerts), ``protocol_sessions_active{protocol}`` and
+    ``protocol_sessions_total{protocol}`` (``ga`` / ``beta``: how many beta-protocol clients
+    remain) and the standard process/platform collectors.
 
     ``handshake_duration_seconds{phase="upstream_connect"}`` is observed on every dial,
     failed or not (its count is the error-ratio denominator); ``phase="total"`` once per 101.
@@ -104,6 +106,13 @@ class Metrics:
         self.tenant_tokens_per_minute = Gauge(
             f"{p}_tenant_tokens_per_minute", "Configured token budget of each tenant.",
             ["tenant"], registry=r)
+        self.protocol_sessions_active = Gauge(
+            f"{p}_protocol_sessions_active", "Live relayed sessions by client protocol "
+            "(ga: verbatim relay; beta: translated to GA, CONTRACT §10).", ["protocol"],
+            registry=r)
+        self.protocol_sessions_total = Counter(
+            f"{p}_protocol_sessions", "Sessions established, by client protocol (ga, beta).",
+            ["protocol"], registry=r)
         self.messages_client_to_upstream = self.messages_total.labels(CLIENT_TO_UPSTREAM)
         self.messages_upstream_to_client = self.messages_total.labels(UPSTREAM_TO_CLIENT)
         self.bytes_client_to_upstream = self.message_bytes_total.labels(CLIENT_TO_UPSTREAM)

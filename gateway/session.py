@@ -22,11 +22,14 @@ from typing import Any
 from gateway.accounting import Account, Counters, Ending
 from gateway.auth.authenticator import Principal
 from gateway.auth.client_secrets import is_client_secret, session_model, session_update
+from gateway.beta import is_beta
+from gateway.beta_relay import BetaRelay
 from gateway.config import ModelRoute, TenantConfig
 from gateway.credentials import Credentials, extract_credentials, select_subprotocol
 from gateway.errors import (
     SESSION_EXPIRED,
     TOKEN_EXPIRED,
+    BetaRefused,
     Forbidden,
     GatewayError,
     InvalidRequest,
@@ -63,6 +66,8 @@ class Admitted:
     route: ModelRoute
     lease: Lease
     upstream: HandOffConnection
+    beta: bool = False
+    """A Realtime beta-protocol client, served through :class:`BetaRelay` (CONTRACT §10)."""
 
     @property
     def models(self) -> frozenset[str]:
@@ -100,8 +105,12 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
     credentials: Credentials | None = None
     try:
         with registry.handshake():
-            credentials = extract_credentials(request.headers, request.subprotocols)
-            admitted = await open_session(services, request, credentials)
+            credentials = extract_credentials(request.headers, request.subprotocols,
+                                              request.query)
+            beta = is_beta(request.path, request.query, request.headers, request.subprotocols)
+            if beta and services.config.server.beta_clients == "refuse":
+                raise BetaRefused()
+            admitted = await open_session(services, request, credentials, beta=beta)
     except GatewayError as exc:
         tenant = exc.tenant or UNKNOWN_TENANT
         services.metrics.session_rejections_total.labels(tenant, exc.code).inc()
@@ -120,9 +129,11 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
 
 
 async def open_session(services: Services, request: HandshakeRequest,
-                       credentials: Credentials) -> Admitted:
+                       credentials: Credentials, *, beta: bool = False) -> Admitted:
     """Authenticate, admit and dial within ``server.handshake_timeout_seconds``; on success
     the caller owns the lease and the upstream connection, on a refusal nothing is held.
+    ``beta``: the client speaks the beta protocol (the upstream is dialled GA, without the
+    client's ``OpenAI-Beta`` header).
 
     Raises:
         GatewayError: any refusal of CONTRACT §5; :class:`UpstreamTimeout`
@@ -138,7 +149,8 @@ async def open_session(services: Services, request: HandshakeRequest,
             principal = await services.authenticator.authenticate(credentials.token)
             try:
                 model = session_model(principal.secret, requested)
-                admitted = await _admit_and_dial(services, request, principal, model, phases)
+                admitted = await _admit_and_dial(services, request, principal, model, phases,
+                                                 beta)
             except GatewayError as exc:
                 exc.tenant = principal.tenant.id
                 raise
@@ -158,7 +170,7 @@ def route_model(tenant: TenantConfig, model: str) -> ModelRoute:
 
 
 async def _admit_and_dial(services: Services, request: HandshakeRequest, principal: Principal,
-                          model: str, phases: Phases) -> Admitted:
+                          model: str, phases: Phases, beta: bool) -> Admitted:
     route = route_model(principal.tenant, model)
     phases.done("auth")
     lease = Lease(principal.tenant.id, principal.subject, secrets.token_hex(8))
@@ -168,7 +180,7 @@ async def _admit_and_dial(services: Services, request: HandshakeRequest, princip
     target = UpstreamTarget(
         name=route.upstream, config=upstream_config, model=route.upstream_model or model,
         params=request.query, user_agent=request.header(b"user-agent"),
-        openai_beta=request.header(b"openai-beta"))
+        openai_beta=None if beta else request.header(b"openai-beta"))
     try:
         upstream = await dial(target, connect_timeout=upstream_config.connect_timeout_seconds)
     except BaseException as exc:  # cancellation (handshake timeout) included: free the lease
@@ -179,14 +191,14 @@ async def _admit_and_dial(services: Services, request: HandshakeRequest, princip
         await services.limiter.release(lease)
         raise
     phases.done("upstream_connect")
-    return Admitted(principal, model, route, lease, upstream)
+    return Admitted(principal, model, route, lease, upstream, beta)
 
 
 class RelayedSession:
     """A live WebSocket session (a :class:`gateway.registry.LiveSession`): its relay, its
     account and the task that runs it."""
 
-    def __init__(self, account: Account, relay: Relay) -> None:
+    def __init__(self, account: Account, relay: Relay | BetaRelay) -> None:
         self.account = account
         self.relay = relay
         self.task: asyncio.Task[None] | None = None
@@ -217,7 +229,8 @@ class RelayedSession:
 
 def start_session(services: Services, registry: Registry, housekeeper: Housekeeper,
                   admitted: Admitted, client: asyncio.Transport, peer: str) -> RelayedSession:
-    """Hand both connections to a :class:`Relay` and run the session in a task of its own.
+    """Hand both connections to a :class:`Relay` (a :class:`BetaRelay` for a beta client)
+    and run the session in a task of its own.
 
     The upgrade's ASGI task then ends, and with it everything of the handshake (uvicorn's
     protocol object, the request and its headers, the upstream's ``websockets``
@@ -229,8 +242,9 @@ def start_session(services: Services, registry: Registry, housekeeper: Housekeep
     if admitted.principal.secret is not None:  # before the relay takes the transport over
         upstream.write_text(session_update(admitted.principal.secret))
     account = Account(admitted.principal, admitted.model, admitted.route.upstream,
-                      admitted.lease, peer, services.metrics)
-    relay = Relay(
+                      admitted.lease, peer, services.metrics,
+                      protocol="beta" if admitted.beta else "ga")
+    relay = (BetaRelay if admitted.beta else Relay)(
         client, upstream.transport, account.on_usage, guard=model_guard(admitted.models),
         upstream_buffered=upstream.take_raw(), upstream_lost=upstream.lost,
         max_client_message=server.max_message_bytes,

@@ -7,9 +7,11 @@ See also ``notes/protocol.md`` §5.
   ``api-key: <key>``; no ``api-version`` (the GA path takes none).
 
 No subprotocol is offered upstream and no client header is forwarded except
-``User-Agent`` and ``OpenAI-Beta`` (so a beta client gets OpenAI's own explicit
-error).  Query parameters ``call_id`` and ``intent`` pass through; credential
-parameters never do (only those two names are forwarded).
+``User-Agent`` and ``OpenAI-Beta`` — the latter not for a beta-protocol session, which is
+translated to GA (:mod:`gateway.beta_relay`) and would be refused with it; the caller
+then passes ``openai_beta=None``.  Query parameters ``call_id`` and ``intent`` pass
+through; nothing else does: not the query credentials (``api-key``, ``Authorization``),
+``api-version``, ``deployment`` or ``x-ms-client-request-id``.
 
 The dial happens before the client's upgrade is answered, so a refusal still
 becomes an HTTP status (502/504) or, for browser clients, close 4502/4504.

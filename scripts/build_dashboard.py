@@ -15,7 +15,8 @@ Every query selects the gateway's scrape job (``job=~".*realtime-gateway.*"``, a
 do) and the ``$namespace`` variable; tenant-labelled metrics also take ``$tenant`` and, where
 labelled, ``$model``. Metric names are those of CONTRACT §6 (prefix ``realtime_gateway_``), plus
 ``realtime_gateway_tenant_max_sessions`` and ``realtime_gateway_tenant_tokens_per_minute``
-(per-tenant limits as gauges) and the process collector's ``process_*``.
+(per-tenant limits as gauges), ``realtime_gateway_protocol_sessions_active{protocol}`` (beta
+clients still in use) and the process collector's ``process_*``.
 """
 
 from __future__ import annotations
@@ -195,6 +196,19 @@ def panel_specs() -> tuple[RowSpec, ...]:
                     ),
                 ),
                 "Live sessions per model and upstream, all replicas.",
+                stacked=True,
+            ),
+            PanelSpec(
+                "Active sessions by client protocol",
+                "short",
+                (
+                    _q(
+                        f"sum by (protocol) ({sel('protocol_sessions_active', BASE)})",
+                        "{{protocol}}",
+                    ),
+                ),
+                "Live sessions per client protocol, all replicas: ga (verbatim relay) or beta "
+                "(older clients, translated to GA; CONTRACT §10). Not per tenant.",
                 stacked=True,
             ),
             PanelSpec(

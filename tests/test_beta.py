@@ -3,35 +3,30 @@
 The evidence, from the installed ``openai`` package's two schemas (``openai.types.beta.realtime``
 and ``openai.types.realtime``) and real components:
 
-* detection: the handshakes of the real openai-python clients (beta and GA, OpenAI and Azure)
-  captured on a loopback server, and one table row per client of ``notes/beta-clients.md``;
+* detection: one table row per client of ``notes/beta-clients.md`` (the real openai-python
+  handshakes, on a loopback server, are in ``tests/integration/test_beta_emulator.py``);
 * the walk: every beta client and GA server event type of the package is classified (a new
   type fails until it is); a generated instance of every GA server event type, for every
   member of every union in it, translates into events the **beta** models accept, and
   realistic beta client events of every type translate into events the **GA** models accept;
   no field the target schema lacks slips through, beyond a listed few;
-* a beta conversation against the GA emulator on loopback: every upstream event, translated,
-  validates against the beta models and the upstream accepts every translated client event;
+* (a beta conversation against the GA emulator: ``tests/integration/test_beta_emulator.py``);
 * model pinning sees ``session.model`` after translation; arbitrary JSON never raises.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import json
 import types
 import typing
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai import AsyncAzureOpenAI, AsyncOpenAI
 from openai.types.beta.realtime import realtime_client_event as beta_client_events
 from openai.types.beta.realtime import realtime_server_event as beta_server_events
 from openai.types.beta.realtime.session import Session as BetaSession
@@ -49,8 +44,6 @@ from openai.types.realtime.response_item_reference import ResponseItemReference
 from openai.types.responses.tool_choice_function import ToolChoiceFunction
 from openai.types.responses.tool_choice_mcp import ToolChoiceMcp
 from pydantic import BaseModel, Field, TypeAdapter
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection, serve
 
 from gateway import beta
 from gateway.beta import (
@@ -64,10 +57,7 @@ from gateway.beta import (
     is_preview_api_version,
     upstream_frame_renamed,
 )
-from gateway.emulator.server import Emulator
 from gateway.guard import model_guard
-from tests.support.audio import chunks, silence_pcm16, tone_pcm16
-from tests.support.gateway import UPSTREAM_KEY
 
 JSON = dict[str, Any]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "beta-translation.md"
@@ -193,64 +183,6 @@ def test_is_beta_per_client(client: str, path: str, query: str,
 def test_first_api_version_counts() -> None:
     query = q("api-version=2025-08-28&api-version=2024-10-01-preview&deployment=D")
     assert not is_beta("/openai/realtime", query, (), ())
-
-
-@asynccontextmanager
-async def handshake_recorder() -> AsyncIterator[tuple[int, list[JSON]]]:
-    """A WebSocket server on a free loopback port that records each upgrade request."""
-    seen: list[JSON] = []
-
-    async def handler(conn: ServerConnection) -> None:
-        request = conn.request
-        assert request is not None
-        path, _, query = request.path.partition("?")
-        offers = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
-                  for p in v.split(",")]
-        seen.append({"path": path, "query": query,
-                     "headers": tuple((k.lower().encode(), v.encode())
-                                      for k, v in request.headers.raw_items()),
-                     "offers": tuple(offers)})
-        await conn.close()
-
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        yield port, seen
-
-
-async def open_and_close(connect_cm: Any) -> None:
-    async with asyncio.timeout(10):
-        async with connect_cm:
-            pass
-
-
-async def test_is_beta_on_handshakes_of_the_openai_python_clients() -> None:
-    """The real SDK handshakes: its beta clients are beta, its GA clients (Azure's with a
-    preview api-version too, as tests/sdk uses it) are not."""
-    async with handshake_recorder() as (port, seen):
-        base = f"ws://127.0.0.1:{port}"
-        openai = AsyncOpenAI(api_key=TOKEN, websocket_base_url=f"{base}/v1")
-        azure = AsyncAzureOpenAI(api_key=TOKEN, azure_endpoint=f"http://127.0.0.1:{port}",
-                                 api_version="2025-04-01-preview",
-                                 websocket_base_url=f"{base}/openai")
-        azure_ga = AsyncAzureOpenAI(api_key=TOKEN, azure_endpoint=f"http://127.0.0.1:{port}",
-                                    api_version="2025-08-28", websocket_base_url=f"{base}/openai")
-        cases = [
-            ("openai beta", openai.beta.realtime.connect(model="gpt-realtime"), True),
-            ("openai GA", openai.realtime.connect(model="gpt-realtime"), False),
-            ("azure beta", azure.beta.realtime.connect(model="D"), True),
-            ("azure GA, preview api-version", azure.realtime.connect(model="D"), False),
-            ("azure GA, GA api-version", azure_ga.realtime.connect(model="D"), False),
-        ]
-        for name, connection, expected in cases:
-            await open_and_close(connection)
-            request = seen[-1]
-            assert request["path"].endswith("/realtime"), (name, request["path"])
-            verdict = is_beta(request["path"], q(request["query"]), request["headers"],
-                              request["offers"])
-            assert verdict is expected, (name, request)
-        for client in (openai, azure, azure_ga):
-            await client.close()
-    assert [r["path"] for r in seen[2:]] == ["/openai/realtime"] * 3
 
 
 # --------------------------------------------------------------------------- classification
@@ -973,154 +905,3 @@ def test_deeply_nested_values_are_not_walked() -> None:
     both = {"input_audio_transcription": deep, "audio": {"input": {"transcription": deep}}}
     (event,) = translator.client_to_upstream({"type": "session.update", "session": both})
     assert event["session"]["audio"]["input"]["transcription"] is deep
-
-
-# --------------------------------------------------------------------------- against the emulator
-
-
-class BetaClientOverGA:
-    """A beta client's view of a GA upstream: the test speaks beta, the translator and the
-    emulator GA; every frame takes the fast path where it applies, checked against the slow."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.translator = BetaTranslator()
-        self.received: list[JSON] = []
-
-    async def send(self, event: JSON) -> None:
-        frame = json.dumps(event).encode()
-        out = self.translator.client_to_upstream(copy.deepcopy(event))
-        if client_frame_is_verbatim(frame):
-            assert out == [event]
-            await self.ws.send(frame.decode())
-            return
-        for translated in out:
-            check_ga_client_event(translated)
-            await self.ws.send(json.dumps(translated))
-
-    async def until(self, last: str, limit: int = 2000) -> list[JSON]:
-        """Beta events up to and including the first of type *last*."""
-        got: list[JSON] = []
-        async with asyncio.timeout(15):
-            for _ in range(limit):
-                message = await self.ws.recv()
-                assert isinstance(message, str)
-                GA_SERVER_EVENT.validate_python(json.loads(message))
-                slow = self.translator.upstream_to_client(json.loads(message))
-                fast = upstream_frame_renamed(message.encode())
-                if fast is not None:
-                    assert [json.loads(fast)] == slow
-                for event in slow:
-                    check_beta_server_event(event)
-                    assert event["type"] != "error", event
-                got += slow
-                self.received += slow
-                if any(event["type"] == last for event in slow):
-                    return got
-        raise AssertionError(f"no {last} in {[e['type'] for e in got]}")
-
-
-def types_of(events: list[JSON]) -> list[str]:
-    return [event["type"] for event in events]
-
-
-@pytest.fixture
-async def over_ga(emulator: Emulator) -> AsyncIterator[BetaClientOverGA]:
-    async with connect(f"{emulator.url}/v1/realtime?model=gpt-realtime", max_size=None,
-                       additional_headers={"Authorization": f"Bearer {UPSTREAM_KEY}"}) as ws:
-        client = BetaClientOverGA(ws)
-        (created,) = await client.until("session.created")
-        assert created["session"]["modalities"] == ["text", "audio"]
-        assert created["session"]["input_audio_format"] == "pcm16"
-        yield client
-
-
-def audio_of(pcm: bytes) -> Iterator[JSON]:
-    for piece in chunks(pcm, 100):
-        yield {"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()}
-
-
-async def test_beta_conversation_on_the_ga_emulator(over_ga: BetaClientOverGA) -> None:
-    client = over_ga
-    await client.send({"type": "session.update", "session": {
-        "modalities": ["text", "audio"], "voice": "alloy", "instructions": "Be brief.",
-        "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-        "input_audio_transcription": {"model": "whisper-1"},
-        "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 100,
-                           "silence_duration_ms": 200, "create_response": False},
-        "tools": [TOOL], "tool_choice": "auto", "temperature": 0.8,
-        "max_response_output_tokens": "inf"}})
-    (updated,) = await client.until("session.updated")
-    session = updated["session"]
-    assert session["voice"] == "alloy"
-    assert session["turn_detection"]["silence_duration_ms"] == 200
-    assert session["input_audio_transcription"]["model"] == "whisper-1"
-    assert "temperature" not in session
-
-    # speech → VAD → committed user item, announced once, with its transcript
-    for append in audio_of(silence_pcm16(200) + tone_pcm16(600) + silence_pcm16(400)):
-        await client.send(append)
-    heard = await client.until("conversation.item.input_audio_transcription.completed")
-    assert types_of(heard)[:3] == ["input_audio_buffer.speech_started",
-                                   "input_audio_buffer.speech_stopped",
-                                   "input_audio_buffer.committed"]
-    (user_item,) = [e for e in heard if e["type"] == "conversation.item.created"]
-    assert user_item["item"]["content"][0]["type"] == "input_audio"
-
-    await client.send({"type": "response.create",
-                       "response": {"modalities": ["text", "audio"], "temperature": 0.9}})
-    spoken = await client.until("response.done")
-    kinds = types_of(spoken)
-    assert kinds[:4] == ["response.created", "response.output_item.added",
-                         "conversation.item.created", "response.content_part.added"]
-    assert kinds[-4:] == ["response.audio_transcript.done", "response.content_part.done",
-                          "response.output_item.done", "response.done"]
-    assert {"response.audio.delta", "response.audio_transcript.delta",
-            "response.audio.done"} <= set(kinds)
-    done = spoken[-1]["response"]
-    assert done["modalities"] == ["text", "audio"]
-    assert done["output_audio_format"] == "pcm16"
-    assert done["output"][0]["content"][0]["type"] == "audio"
-    assert done["usage"]["output_token_details"]["audio_tokens"] > 0
-    transcript = "".join(e["delta"] for e in spoken
-                         if e["type"] == "response.audio_transcript.delta")
-    assert transcript.startswith("I heard")
-
-    # text only, with a function call and its output
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user",
-        "content": [{"type": "input_text", "text": "What is the time? Use get_time."}]}})
-    await client.until("conversation.item.created")
-    await client.send({"type": "response.create", "response": {"modalities": ["text"]}})
-    called = await client.until("response.done")
-    (arguments,) = [e for e in called if e["type"] == "response.function_call_arguments.done"]
-    await client.send({"type": "conversation.item.create", "item": {
-        "type": "function_call_output", "call_id": arguments["call_id"], "output": "noon"}})
-    await client.send({"type": "response.create", "response": {"modalities": ["text"]}})
-    answered = await client.until("response.done")
-    text = "".join(e["delta"] for e in answered if e["type"] == "response.text.delta")
-    assert text == "The get_time function returned: noon"
-    assert "response.text.done" in types_of(answered)
-
-    created = [e["item"]["id"] for e in client.received if e["type"] == "conversation.item.created"]
-    # user audio, its reply, user text, the function call, its output, the reply to it
-    assert len(created) == len(set(created)) == 6
-    assert not {"conversation.item.added", "conversation.item.done"} & set(
-        types_of(client.received))
-
-
-async def test_g711_session_on_the_ga_emulator(over_ga: BetaClientOverGA) -> None:
-    await over_ga.send({"type": "session.update", "session": {
-        "input_audio_format": "g711_ulaw", "output_audio_format": "g711_alaw",
-        "turn_detection": None}})
-    (updated,) = await over_ga.until("session.updated")
-    assert updated["session"]["input_audio_format"] == "g711_ulaw"
-    assert updated["session"]["output_audio_format"] == "g711_alaw"
-    assert updated["session"]["turn_detection"] is None
-    await over_ga.send({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}})
-    await over_ga.send({"type": "response.create",
-                            "response": {"output_audio_format": "g711_ulaw"}})
-    events = await over_ga.until("response.done")
-    assert events[-1]["response"]["output_audio_format"] == "g711_ulaw"
-    assert "response.audio.delta" in types_of(events)

@@ -60,6 +60,16 @@ def test_overdraft_defaults_to_tokens_per_minute() -> None:
     assert parse_config(data, ENV).tenants[0].limits.overdraft == 400000
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, "translate"),
+                                                ("translate", "translate"),
+                                                ("refuse", "refuse")])
+def test_beta_clients_translated_by_default(value: str | None, expected: str) -> None:
+    data = valid()
+    if value is not None:
+        data["server"]["beta_clients"] = value
+    assert parse_config(data, ENV).server.beta_clients == expected
+
+
 def mutate(path: str, value: Any) -> dict[str, Any]:
     data = valid()
     *parents, last = path.split(".")
@@ -89,6 +99,7 @@ DELETE = object()
     (mutate("tenants.0.auth.jwks_uri", DELETE), ENV, "tenants.0.auth: Value error, exactly one"),
     (mutate("tenants.0.auth.algorithms", ["HS256"]), ENV, "tenants.0.auth.algorithms"),
     (mutate("redis.fail_mode", "maybe"), ENV, "redis.fail_mode"),
+    (mutate("server.beta_clients", "drop"), ENV, "server.beta_clients"),
     (mutate("redis.timeout_seconds", 1.0), ENV, "redis.timeout_seconds"),
     (mutate("upstreams.openai.url", "https://api.openai.com/v1/realtime"), ENV,
      "upstreams.openai.url"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,3 +102,77 @@ def test_fuzz_only_typed_errors(headers: list[tuple[bytes, bytes]],
     assert credentials.token and not any(c.isspace() for c in credentials.token)
     echo = select_subprotocol(subprotocols)
     assert echo is None or echo in subprotocols
+
+
+def q(*pairs: tuple[str, str]) -> list[tuple[str, str]]:
+    """Query pairs as :func:`urllib.parse.parse_qsl` decodes them from a real query string."""
+    return parse_qsl(urlencode(pairs), keep_blank_values=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "subprotocols", "query", "token", "carrier"),
+    [
+        ([], [], q(("api-key", JWT)), JWT, "api_key_query"),
+        ([], [], q(("Authorization", f"Bearer {JWT}")), JWT, "authorization_query"),
+        ([], [], parse_qsl(f"Authorization=Bearer+{JWT}"), JWT, "authorization_query"),
+        ([], [], parse_qsl(f"Authorization=Bearer%20{JWT}"), JWT, "authorization_query"),
+        ([], [], parse_qsl(f"authorization=bearer%20{JWT}"), JWT, "authorization_query"),
+        ([], [], q(("api-version", "2024-10-01-preview"), ("deployment", "d"), ("api-key", JWT)),
+         JWT, "api_key_query"),
+        # the query carriers come last: every header and subprotocol carrier wins
+        (h(("Authorization", "Bearer first")), [], q(("api-key", "fifth")), "first",
+         "authorization"),
+        ([], ["Bearer-second"], q(("api-key", "fifth")), "second", "bearer_subprotocol"),
+        ([], ["openai-insecure-api-key.third"], q(("api-key", "fifth")), "third",
+         "insecure_key_subprotocol"),
+        (h(("api-key", "fourth")), [], q(("api-key", "fifth")), "fourth", "api_key"),
+        # api-key= before Authorization=
+        ([], [], q(("Authorization", "Bearer sixth"), ("api-key", "fifth")), "fifth",
+         "api_key_query"),
+    ],
+)
+def test_query_carriers_come_last(headers: list[tuple[bytes, bytes]], subprotocols: list[str],
+                                  query: list[tuple[str, str]], token: str,
+                                  carrier: str) -> None:
+    credentials = extract_credentials(headers, subprotocols, query)
+    assert (credentials.token, credentials.carrier) == (token, carrier)
+    assert token not in repr(credentials)
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        (q(("api-key", "")), MissingCredentials),
+        (q(("api-key", "a b")), MissingCredentials),
+        (q(("api-key", "x" * 20000)), MissingCredentials),
+        (q(("Authorization", "Basic dXNlcjpwYXNz")), MissingCredentials),
+        (q(("Authorization", "Bearer")), MissingCredentials),
+        (q(("Authorization", JWT)), MissingCredentials),
+        (q(("api-key", "a"), ("api-key", "b")), InvalidRequest),
+        (q(("Authorization", "Bearer a"), ("authorization", "Bearer b")), InvalidRequest),
+        (q(("api-version", "2024-10-01-preview"), ("deployment", "d")), MissingCredentials),
+    ],
+)
+def test_query_carriers_missing_malformed_or_duplicated(
+        query: list[tuple[str, str]], error: type[GatewayError]) -> None:
+    with pytest.raises(error) as caught:
+        extract_credentials([], [], query)
+    assert caught.value.http_status in (400, 401)
+    assert "x" * 100 not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("headers", "subprotocols", "query", "in_band"),
+    [
+        (h(("Authorization", f"Bearer {JWT}")), [], [], False),
+        (h(("api-key", JWT)), [], [], False),
+        ([], [f"Bearer-{JWT}"], [], True),
+        ([], [f"openai-insecure-api-key.{JWT}"], [], True),
+        ([], [], q(("api-key", JWT)), True),
+        ([], [], q(("Authorization", f"Bearer {JWT}")), True),
+    ],
+)
+def test_refusals_in_band_for_subprotocol_and_query_carriers(
+        headers: list[tuple[bytes, bytes]], subprotocols: list[str],
+        query: list[tuple[str, str]], in_band: bool) -> None:
+    assert extract_credentials(headers, subprotocols, query).refused_in_band is in_band

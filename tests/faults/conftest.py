@@ -50,6 +50,8 @@ _CARRIER_LEAKS = tuple(re.compile(pattern) for pattern in (  # matched on lower-
     r"bearer (?!\[redacted\])(?!error=)[a-z0-9._~+/-]{8,}",
     r"openai-insecure-api-key\.(?!\[redacted\])[^\s\"',;]",
     r"access_token=(?!\[redacted\])",
+    r"api-key=(?!\[redacted\])",
+    r"authorization=(?!\[redacted\])",
 ))
 _CANARY = "canary-"
 _CANARY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.@+-")

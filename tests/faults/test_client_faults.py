@@ -23,6 +23,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
 
+from gateway.beta_relay import BetaRelay
 from gateway.emulator.server import Emulator
 from gateway.relay import Relay
 from gateway.session import RelayedSession
@@ -200,7 +201,7 @@ async def test_client_that_stops_reading_is_closed_as_a_slow_consumer(
                 ws.transport.abort()  # unblocks a gateway stuck sending to this client
 
 
-def relays(gw: RunningGateway) -> list[Relay]:
+def relays(gw: RunningGateway) -> list[Relay | BetaRelay]:
     """The relays of the gateway's live WebSocket sessions."""
     return [s.relay for s in gw.gateway.registry.sessions if isinstance(s, RelayedSession)]
 

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection
 
 from gateway.auth.authenticator import Authenticator, Principal
+from gateway.beta import is_beta
 from gateway.credentials import extract_credentials, select_subprotocol
 from gateway.emulator.server import Emulator
 from gateway.errors import GatewayError, InsufficientScope, InvalidToken
@@ -120,7 +121,8 @@ _OFFERS = st.lists(st.one_of(
 _QUERY = st.binary(max_size=80) | st.builds(
     lambda pairs: "&".join(f"{k}={v}" for k, v in pairs).encode("utf-8", "replace"),
     st.lists(st.tuples(st.sampled_from(["model", "deployment", "call_id", "access_token",
-                                        "api-version", "model%00", ""]),
+                                        "api-version", "model%00", "", "api-key",
+                                        "Authorization", "authorization"]),
                        st.text(max_size=140)), max_size=4))
 
 
@@ -148,7 +150,8 @@ def parse_upgrade(scope: dict[str, Any], offers: list[str]) -> None:
         assert model and len(model) <= 128 and model.isprintable()
     status = 0
     try:
-        credentials = extract_credentials(request.headers, request.subprotocols)
+        credentials = extract_credentials(request.headers, request.subprotocols, request.query)
+        is_beta(request.path, request.query, request.headers, request.subprotocols)
     except GatewayError as exc:
         status = exc.http_status
     else:

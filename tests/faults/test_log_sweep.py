@@ -70,6 +70,8 @@ def test_the_sweep_finds_what_it_must(tokens: Tokens) -> None:
             "bearer subprotocol": "Sec-WebSocket-Protocol: Bearer-abc",
             "insecure key subprotocol": "openai-insecure-api-key.abc",
             "query credential": "GET /v1/realtime?access_token=abc",
+            "query api-key": "GET /openai/realtime?deployment=d&api-key=abc",
+            "query authorization": "GET /openai/realtime?Authorization=Bearer+abc",
             "subject outside the audit field": '{"event": "x", "user": "sub-canary-probe"}',
             "canary claim": next(c for c in probe.canaries if c.startswith("claim-canary-")),
         }
@@ -169,3 +171,32 @@ async def test_client_secrets_reach_no_log_line_at_debug(
     text = sweep.log_text
     assert "ek_" not in text.replace("ek_[REDACTED]", "")  # the prefix alone never leaks more
     assert "openai-insecure-api-key.[redacted]" in text.lower()  # the dumps were there
+
+
+async def test_query_credentials_leave_no_token_and_no_query_in_the_log(
+        gw: RunningGateway, tokens: Tokens, sweep: LeakSweep) -> None:
+    """Azure browser clients (CONTRACT §4): ``api-key=`` and ``Authorization=Bearer`` in the
+    query, beta sessions and in-band refusals, all at DEBUG: uvicorn's ``"WebSocket …"``
+    lines and the DEBUG request lines are in the log, each with the path and no query
+    (no ``api-version``, no client request id); the sweep at teardown checks the tokens."""
+    base = f"ws://127.0.0.1:{gw.port}/openai/realtime?api-version=2024-10-01-preview" \
+           "&x-ms-client-request-id=canary-request-id&deployment=gpt-realtime"
+    for credential in (f"api-key={tokens.mint()}",
+                       f"Authorization=Bearer+{tokens.mint()}",
+                       f"Authorization=Bearer%20{tokens.mint()}"):
+        ws = await open_session(sweep, f"{base}&{credential}", "", additional_headers={})
+        await ws.close()
+    async with connect(f"{base}&api-key=not.a.token") as ws:  # refused in band
+        closed = await closed_session(sweep, ws)
+    assert closed.code == 4401
+    async with connect(f"{base}&api-key={tokens.mint(scope='other')}") as ws:
+        closed = await closed_session(sweep, ws)
+    assert closed.code == 4403
+    log = sweep.log_text
+    lines = [line for line in log.splitlines() if "/openai/realtime" in line]
+    assert any('\\"WebSocket /openai/realtime\\"' in line for line in lines), lines[:5]
+    assert any("GET /openai/realtime HTTP/1.1" in line for line in lines), lines[:5]
+    for leaked in ("api-version", "x-ms-client-request-id", "canary-request-id", "api-key=",
+                   "Authorization=", "/openai/realtime?"):
+        assert leaked not in log, leaked
+    assert metric(gw, "realtime_gateway_protocol_sessions_total", protocol="beta") == 3

@@ -23,7 +23,7 @@ async def test_debug_logs_hold_no_credential(emulator: Emulator, key_file: Path,
                                              tmp_path: Path) -> None:
     config = write_config(gateway_config(f"{emulator.url}/v1/realtime", key_file,
                                          server={"drain_seconds": 0}), tmp_path / "gw.yaml")
-    tokens = [mint(key_file, sub=f"user-{i}") for i in range(4)]
+    tokens = [mint(key_file, sub=f"user-{i}") for i in range(5)]
     async with gateway_process(config, "--log-level", "debug") as gw:
         async with connect(gw.url(), subprotocols=[f"Bearer-{tokens[0]}"]) as ws:  # type: ignore[list-item]
             await ws.recv()
@@ -41,10 +41,16 @@ async def test_debug_logs_hold_no_credential(emulator: Emulator, key_file: Path,
                 await ws.recv()
         except InvalidStatus:
             pass
+        preview = (f"ws://127.0.0.1:{gw.port}/openai/realtime?api-version=2024-10-01-preview"
+                   f"&deployment=gpt-realtime&api-key={tokens[4]}")  # rt-client in a browser
+        async with connect(preview) as ws:
+            await ws.recv()
         gw.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await gw.process.wait() == 0
     output = "\n".join(gw.lines)
+    assert "< GET /openai/realtime HTTP/1.1" in output  # the path, without its query
+    assert "api-version" not in output and "/openai/realtime?" not in output
     assert gw.events("session.start") and gw.events("session.end")
     debug = [r for r in map(_json, gw.lines) if r and r.get("level") == "debug"]
     # the header dumps of uvicorn/websockets really were logged, redacted

@@ -151,7 +151,7 @@ async def test_paths_and_api_key_header(gw: RunningGateway, emulator: Emulator,
 
 async def test_azure_preview_path_uses_deployment_and_model_alias(
         gw: RunningGateway, emulator: Emulator, key_file: Path) -> None:
-    url = f"ws://127.0.0.1:{gw.port}/openai/realtime?api-version=2025-04-01-preview" \
+    url = f"ws://127.0.0.1:{gw.port}/openai/realtime?api-version=2025-08-28" \
           "&deployment=alias"
     async with connect(url, additional_headers={"api-key": mint(key_file)}) as ws:
         await relayed_session(ws)

@@ -57,10 +57,13 @@ GATEWAY_METRICS: Final[Mapping[str, str]] = {
     "draining": "gauge",
     "build_info": "gauge",
 }
-# Families the dashboard and alerts rely on beyond CONTRACT §6 (per-tenant limits as gauges).
+# Families the dashboard and alerts rely on beyond CONTRACT §6 (per-tenant limits as gauges,
+# sessions by client protocol: ga or beta).
 PROPOSED_METRICS: Final[Mapping[str, str]] = {
     "tenant_max_sessions": "gauge",
     "tenant_tokens_per_minute": "gauge",
+    "protocol_sessions_active": "gauge",
+    "protocol_sessions_total": "counter",
 }
 # Standard series: Prometheus' own `up`, prometheus-client's process collector, and the
 # kube-state-metrics families the alerts use.

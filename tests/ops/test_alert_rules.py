@@ -181,6 +181,14 @@ def gateway_exposition(scrape: int) -> str:
         f'{p}sessions_active{{tenant="globex",model="gpt-realtime-azure",'
         f'upstream="azure-eastus"}} 3',
     ])
+    family(f"{p}protocol_sessions_active", "gauge", "Live sessions by client protocol.", [
+        f'{p}protocol_sessions_active{{protocol="ga"}} 14',
+        f'{p}protocol_sessions_active{{protocol="beta"}} 1',
+    ])
+    family(f"{p}protocol_sessions_total", "counter", "Sessions by client protocol.", [
+        f'{p}protocol_sessions_total{{protocol="ga"}} {2 * n}',
+        f'{p}protocol_sessions_total{{protocol="beta"}} {n}',
+    ])
     outcomes = ["ok", "token_expired", "rate_limited", "session_expired", "shutting_down",
                 "upstream_error"]
     family(f"{p}sessions_total", "counter", "Ended sessions by outcome.", [
