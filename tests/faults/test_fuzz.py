@@ -146,8 +146,8 @@ def parse_upgrade(scope: dict[str, Any], offers: list[str]) -> None:
     """The pipeline's first stages on one upgrade request, with their invariants."""
     request = HandshakeRequest.from_scope(scope)
     with contextlib.suppress(GatewayError):
-        model = request.model()
-        assert model and len(model) <= 128 and model.isprintable()
+        model = request.model()  # None: absent (a client secret may leave it out)
+        assert model is None or (model and len(model) <= 128 and model.isprintable())
     status = 0
     try:
         credentials = extract_credentials(request.headers, request.subprotocols, request.query)
