@@ -50,12 +50,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from websockets.exceptions import ProtocolError
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.speedups import apply_mask
 
 from gateway.errors import UPSTREAM_LOST, SessionEnd
 from gateway.logs import get_logger
-from gateway.usage import TokenCounts, tap
+from gateway.usage import RESPONSE_DONE_MARKER, TRANSCRIPTION_DONE_MARKER, TokenCounts, tap
 
 log = get_logger(__name__)
 
@@ -67,7 +67,7 @@ Guard = Callable[[bytes], str | None]
 
 MAX_REASON_BYTES = 123
 """RFC 6455 §5.5: a control frame payload is <= 125 bytes, two of them the code."""
-CLIENT_GONE_CODE = 1001
+CLIENT_GONE_CODE = CloseCode.GOING_AWAY
 CLOSE_TIMEOUT = 2.0
 """Seconds to wait for a peer's closing handshake before the connection is aborted."""
 LINGER_SECONDS = 10.0
@@ -81,7 +81,13 @@ _MASKED = 0x80
 _GUARDED = (b"session.update", b"\\u")
 """A client text message containing either is shown to the guard (``\\u`` because a
 JSON escape can spell ``session.update`` without those bytes)."""
-_USAGE = (b'"response.done"', b"transcription.completed")
+_RESPONSE_DONE = RESPONSE_DONE_MARKER
+_TRANSCRIPTION_DONE = TRANSCRIPTION_DONE_MARKER
+_BAD_UTF8 = "invalid UTF-8 in text message"
+
+# What a client text message gets (:meth:`_ClientSide._text_verdict`); ``FORWARD`` is 0,
+# so the hot path tests it as false.
+FORWARD, REFUSED, INVALID = 0, 1, 2
 
 
 def clip_reason(reason: str) -> str:
@@ -123,27 +129,67 @@ def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
 def close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload (RFC 6455 §5.5.1): none for 1005, else the code and the
     reason clipped to 123 UTF-8 bytes."""
-    if code == 1005:
+    if code == CloseCode.NO_STATUS_RCVD:
         return b""
     return Close(code, clip_reason(reason)).serialize()
 
 
-def _header(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
-    """``(header length including any masking key, payload length)`` of the frame at
-    ``pos``, or ``None`` while the header is incomplete."""
+class FrameError(Exception):
+    """A peer's frame breaks RFC 6455 or a limit: the connection is failed with ``code``
+    (a :class:`~websockets.frames.CloseCode`) and ``reason`` (§7.1.7)."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+def frame_header(data: bytes, pos: int, n: int, mask: int, room: int) -> tuple[int, int] | None:
+    """The header of the frame at ``data[pos:n]``, checked (RFC 6455 §5.2-§5.5).
+
+    Returns ``(header bytes, masking key included; payload bytes)``, or ``None`` while
+    the header is incomplete.  ``mask`` is ``0x80`` when the peer must mask its frames
+    (a client, §5.3) and ``0`` when it must not (a server, §5.1); ``room`` is how many
+    payload bytes a data frame may carry (what its message may still grow by).
+
+    Raises:
+        FrameError: ``PROTOCOL_ERROR`` (1002) for the wrong mask bit, RSV bits (no
+            extension is ever negotiated), a reserved opcode, or a control frame that is
+            fragmented or over 125 bytes; ``MESSAGE_TOO_BIG`` (1009) for a data frame
+            over ``room`` (known from its header, before its payload is read).
+    """
     if n - pos < 2:
         return None
+    b0 = data[pos]
     b1 = data[pos + 1]
+    if b1 & _MASKED != mask:
+        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                         "unmasked client frame" if mask else "masked server frame")
+    if b0 & _RSV:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set")
+    opcode = b0 & 0x0F
     length = b1 & 0x7F
-    size = 6 if b1 & _MASKED else 2
+    size = 6 if mask else 2
+    if opcode >= OP_CLOSE:
+        if opcode > OP_PONG:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved opcode")
+        if not b0 & _FIN or length > 125:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "invalid control frame")
+        return size, length
+    if opcode > OP_BINARY:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved opcode")
     if length == 126:
         if n - pos < 4:
             return None
-        return size + 2, (data[pos + 2] << 8) | data[pos + 3]
-    if length == 127:
+        size += 2
+        length = (data[pos + 2] << 8) | data[pos + 3]
+    elif length == 127:
         if n - pos < 10:
             return None
-        return size + 8, int.from_bytes(data[pos + 2:pos + 10], "big")
+        size += 8
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+    if length > room:
+        raise FrameError(CloseCode.MESSAGE_TOO_BIG, "message too big")
     return size, length
 
 
@@ -152,7 +198,8 @@ class RelayResult:
     """How a relayed session ended.
 
     ``code`` is the close code the client sent (``initiator == "client"``; 1006 when
-    it vanished, 1002/1007/1009 when it broke the protocol) or was sent (otherwise).
+    it vanished, 1002/1007/1009 when it broke the protocol) or was sent (otherwise);
+    the relay's own codes are :class:`~websockets.frames.CloseCode` members (ints).
     ``end`` is the gateway's or the upstream's in-session cause (CONTRACT §5), ``None``
     for ordinary closes.
     """
@@ -354,10 +401,10 @@ class _Side(asyncio.Protocol):
         try:
             close = Close.parse(payload)
         except UnicodeDecodeError:
-            self.fail(1007, "invalid UTF-8 in close reason")
+            self.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in close reason")
             return None
         except ProtocolError:
-            self.fail(1002, "malformed close frame")
+            self.fail(CloseCode.PROTOCOL_ERROR, "malformed close frame")
             return None
         return close.code, close.reason
 
@@ -373,78 +420,74 @@ class _ClientSide(_Side):
         self._fragment_opcode = 0
         self._fragment_bytes = 0
         self._utf8: codecs.IncrementalDecoder | None = None
-        self.failed = False
 
     def consume(self, data: bytes) -> tuple[bytes, int]:
         relay = self.relay
         n = len(data)
         pos = 0
         out: list[bytes] = []
-        while pos < n:
-            header = _header(data, pos, n)
-            if header is None:
-                break
-            size, length = header
-            b0 = data[pos]
-            opcode = b0 & 0x0F
-            if not data[pos + 1] & _MASKED:
-                return self._violation(out, 1002, "unmasked client frame")
-            if b0 & _RSV:
-                return self._violation(out, 1002, "reserved bits set")
-            if opcode >= OP_CLOSE:
-                if opcode > OP_PONG:
-                    return self._violation(out, 1002, "reserved opcode")
-                if not b0 & _FIN or length > 125:
-                    return self._violation(out, 1002, "invalid control frame")
-            elif opcode > OP_BINARY:
-                return self._violation(out, 1002, "reserved opcode")
-            elif length + self._fragment_bytes > self.max_message:
-                return self._violation(out, 1009, "message too big")
-            end = pos + size + length
-            if end > n:
-                return self._flush(out, data[pos:], end - pos)
-            payload = apply_mask(data[pos + size:end], data[pos + size - 4:pos + size])
-            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
-                if self._fragments is not None:
-                    return self._violation(out, 1002, "new message inside a fragmented one")
-                if b0 & _FIN:
-                    if opcode == OP_TEXT and not self._text_passes(out, payload):
-                        if self.failed:
-                            return b"", 0
-                        pos = end
-                        continue
-                    key = _KEYS.next()
-                    out.append(data[pos:pos + size - 4])
-                    out.append(key)
-                    out.append(apply_mask(payload, key))
-                    relay.client_messages += 1
-                    relay.client_bytes += length
+        try:
+            while pos < n:
+                header = frame_header(data, pos, n, _MASKED,
+                                      self.max_message - self._fragment_bytes)
+                if header is None:
+                    break
+                size, length = header
+                end = pos + size + length
+                if end > n:
+                    return self._flush(out, data[pos:], end - pos)
+                b0 = data[pos]
+                opcode = b0 & 0x0F
+                payload = apply_mask(data[pos + size:end], data[pos + size - 4:pos + size])
+                if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                    if self._fragments is not None:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "new message inside a fragmented one")
+                    if b0 & _FIN:
+                        if opcode == OP_TEXT:
+                            verdict = self._text_verdict(payload)
+                            if verdict:
+                                if verdict == INVALID:
+                                    raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+                                pos = end
+                                continue
+                        key = _KEYS.next()
+                        out.append(data[pos:pos + size - 4])
+                        out.append(key)
+                        out.append(apply_mask(payload, key))
+                        relay.client_messages += 1
+                        relay.client_bytes += length
+                    else:
+                        self._fragments = [(data[pos:pos + size - 4], payload)]
+                        self._fragment_opcode = opcode
+                        self._fragment_bytes = length
+                        if opcode == OP_TEXT:
+                            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+                            self._decode(payload, final=False)
+                elif opcode == OP_CONT:
+                    if self._fragments is None:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "continuation without a message")
+                    self._fragments.append((data[pos:pos + size - 4], payload))
+                    self._fragment_bytes += length
+                    if self._utf8 is not None:
+                        self._decode(payload, final=bool(b0 & _FIN))
+                    if b0 & _FIN:
+                        self._fragmented_message_ends(out)
+                elif opcode == OP_CLOSE:
+                    self._flush(out, b"", 0)
+                    self._on_close(payload)
+                    return b"", 0
+                elif opcode == OP_PING:
+                    self.on_ping(payload)
                 else:
-                    self._fragments = [(data[pos:pos + size - 4], payload)]
-                    self._fragment_opcode = opcode
-                    self._fragment_bytes = length
-                    if opcode == OP_TEXT:
-                        self._utf8 = codecs.getincrementaldecoder("utf-8")()
-                        if not self._decodes(payload, final=False):
-                            return self._violation(out, 1007, "invalid UTF-8 in text message")
-            elif opcode == OP_CONT:
-                if self._fragments is None:
-                    return self._violation(out, 1002, "continuation without a message")
-                self._fragments.append((data[pos:pos + size - 4], payload))
-                self._fragment_bytes += length
-                if self._utf8 is not None and not self._decodes(payload, final=bool(b0 & _FIN)):
-                    return self._violation(out, 1007, "invalid UTF-8 in text message")
-                if b0 & _FIN:
-                    self._fragmented_message_ends(out)
-            elif opcode == OP_CLOSE:
-                self._flush(out, b"", 0)
-                self._on_close(payload)
-                return b"", 0
-            elif opcode == OP_PING:
-                self.on_ping(payload)
-            else:
-                self.on_pong(payload)
-            pos = end
+                    self.on_pong(payload)
+                pos = end
+        except FrameError as error:
+            self._flush(out, b"", 0)  # what came before the bad frame is relayed
+            self.fail(error.code, error.reason)
+            self.relay.decide(RelayResult("client", error.code, error.reason))
+            return b"", 0
         return self._flush(out, data[pos:] if pos < n else b"", 0 if pos >= n else n - pos + 1)
 
     def _flush(self, out: list[bytes], rest: bytes, need: int) -> tuple[bytes, int]:
@@ -454,37 +497,32 @@ class _ClientSide(_Side):
             out.clear()
         return rest, need
 
-    def _violation(self, out: list[bytes], code: int, reason: str) -> tuple[bytes, int]:
-        self.failed = True
-        self._flush(out, b"", 0)
-        self.fail(code, reason)
-        self.relay.decide(RelayResult("client", code, reason))
-        return b"", 0
-
-    def _decodes(self, payload: bytes, *, final: bool) -> bool:
+    def _decode(self, payload: bytes, *, final: bool) -> None:
+        """Feed one fragment of a text message to its UTF-8 decoder; raises
+        :class:`FrameError` (1007) when it is not UTF-8."""
         assert self._utf8 is not None
         try:
             self._utf8.decode(payload, final)
         except UnicodeDecodeError:
-            return False
-        return True
+            raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8) from None
 
-    def _text_passes(self, out: list[bytes], payload: bytes) -> bool:
-        """UTF-8 check and model pinning for one complete text message; a refusal is
-        answered here (1007 or an ``error`` event)."""
+    def _text_verdict(self, payload: bytes) -> int:
+        """UTF-8 check and model pinning for one complete text message: :data:`FORWARD`
+        (0); :data:`REFUSED` by the guard, whose ``error`` event is sent to the client
+        here (the message is dropped, the session goes on); :data:`INVALID` UTF-8 (the
+        caller closes the client 1007)."""
         if not payload.isascii():
             try:
                 payload.decode()
             except UnicodeDecodeError:
-                self._violation(out, 1007, "invalid UTF-8 in text message")
-                return False
+                return INVALID
         guard = self.guard
         if guard is not None and (_GUARDED[0] in payload or _GUARDED[1] in payload):
             refusal = guard(payload)
             if refusal is not None:
                 self.send_frame(OP_TEXT, refusal.encode())
-                return False
-        return True
+                return REFUSED
+        return FORWARD
 
     def _fragmented_message_ends(self, out: list[bytes]) -> None:
         fragments = self._fragments
@@ -492,9 +530,12 @@ class _ClientSide(_Side):
         self._fragments = None
         self._fragment_bytes = 0
         self._utf8 = None
-        if self._fragment_opcode == OP_TEXT and not self._text_passes(
-                out, b"".join(payload for _, payload in fragments)):
-            return
+        if self._fragment_opcode == OP_TEXT:
+            verdict = self._text_verdict(b"".join(payload for _, payload in fragments))
+            if verdict == INVALID:  # the decoder passed each fragment: cannot happen
+                raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+            if verdict == REFUSED:
+                return
         total = 0
         for head, payload in fragments:
             key = _KEYS.next()
@@ -508,7 +549,8 @@ class _ClientSide(_Side):
     def _on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
-            self.relay.decide(RelayResult("client", 1002, "malformed close frame"))
+            self.relay.decide(RelayResult("client", CloseCode.PROTOCOL_ERROR,
+                                          "malformed close frame"))
             return
         code, reason = parsed
         if not self.close_sent:  # the client starts the closing handshake: answer it
@@ -517,12 +559,13 @@ class _ClientSide(_Side):
         self.relay.decide(RelayResult("client", code, reason))
 
     def lost(self) -> None:
-        self.relay.decide(RelayResult("client", 1006, ""))
+        self.relay.decide(RelayResult("client", CloseCode.ABNORMAL_CLOSURE, ""))
 
     def ping_expired(self) -> None:
         self._pong_timer = None
-        self.fail(1011, "keepalive ping timeout")
-        self.relay.decide(RelayResult("client", 1006, "keepalive ping timeout"))
+        self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        self.relay.decide(RelayResult("client", CloseCode.ABNORMAL_CLOSURE,
+                                      "keepalive ping timeout"))
 
 
 class _UpstreamSide(_Side):
@@ -541,58 +584,61 @@ class _UpstreamSide(_Side):
         n = len(data)
         pos = 0
         run = 0  # start of the data frames not yet written to the client
-        while pos < n:
-            header = _header(data, pos, n)
-            if header is None:
-                break
-            size, length = header
-            b0 = data[pos]
-            opcode = b0 & 0x0F
-            if data[pos + 1] & _MASKED or b0 & _RSV or 2 < opcode < 8 or opcode > OP_PONG:
-                return self._broken(data, run, pos, 1002, "protocol error")
-            if opcode >= OP_CLOSE and (not b0 & _FIN or length > 125):
-                return self._broken(data, run, pos, 1002, "invalid control frame")
-            if opcode < OP_CLOSE and length + self._message_bytes > self.max_message:
-                return self._broken(data, run, pos, 1009, "message too big")
-            end = pos + size + length
-            if end > n:
-                self._write(data, run, pos)
-                return data[pos:], end - pos
-            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
-                if self._in_message:
-                    return self._broken(data, run, pos, 1002, "protocol error")
-                if b0 & _FIN:
-                    relay.upstream_messages += 1
-                    relay.upstream_bytes += length
-                    if opcode == OP_TEXT and (data.find(_USAGE[0], pos + size, end) >= 0
-                                              or data.find(_USAGE[1], pos + size, end) >= 0):
-                        usage = tap(data[pos + size:end])
-                        if usage is not None:
-                            relay.on_usage(usage)
-                else:
-                    self._in_message = True
-                    self._message_bytes = length
-                    self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
-            elif opcode == OP_CONT:
-                if not self._in_message:
-                    return self._broken(data, run, pos, 1002, "protocol error")
-                self._message_bytes += length
-                if self._text is not None:
-                    self._text.append(data[pos + size:end])
-                if b0 & _FIN:
-                    self._message_ends()
-            else:  # a control frame: not forwarded
-                self._write(data, run, pos)
-                run = end
-                payload = data[pos + size:end]
-                if opcode == OP_CLOSE:
-                    self._on_close(payload)
-                    return b"", 0
-                if opcode == OP_PING:
-                    self.on_ping(payload)
-                else:
-                    self.on_pong(payload)
-            pos = end
+        try:
+            while pos < n:
+                header = frame_header(data, pos, n, 0, self.max_message - self._message_bytes)
+                if header is None:
+                    break
+                size, length = header
+                end = pos + size + length
+                if end > n:
+                    self._write(data, run, pos)
+                    return data[pos:], end - pos
+                b0 = data[pos]
+                opcode = b0 & 0x0F
+                if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                    if self._in_message:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "new message inside a fragmented one")
+                    if b0 & _FIN:
+                        relay.upstream_messages += 1
+                        relay.upstream_bytes += length
+                        if opcode == OP_TEXT and (
+                                data.find(_RESPONSE_DONE, pos + size, end) >= 0
+                                or data.find(_TRANSCRIPTION_DONE, pos + size, end) >= 0):
+                            usage = tap(data[pos + size:end])
+                            if usage is not None:
+                                relay.on_usage(usage)
+                    else:
+                        self._in_message = True
+                        self._message_bytes = length
+                        self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
+                elif opcode == OP_CONT:
+                    if not self._in_message:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "continuation without a message")
+                    self._message_bytes += length
+                    if self._text is not None:
+                        self._text.append(data[pos + size:end])
+                    if b0 & _FIN:
+                        self._message_ends()
+                else:  # a control frame: not forwarded
+                    self._write(data, run, pos)
+                    run = end
+                    payload = data[pos + size:end]
+                    if opcode == OP_CLOSE:
+                        self._on_close(payload)
+                        return b"", 0
+                    if opcode == OP_PING:
+                        self.on_ping(payload)
+                    else:
+                        self.on_pong(payload)
+                pos = end
+        except FrameError as error:
+            self._write(data, run, pos)  # what came before the bad frame is relayed
+            self.fail(error.code, error.reason)
+            relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
+            return b"", 0
         self._write(data, run, pos)
         return (data[pos:], n - pos + 1) if pos < n else (b"", 0)
 
@@ -612,13 +658,6 @@ class _UpstreamSide(_Side):
         self._message_bytes = 0
         self._text = None
 
-    def _broken(self, data: bytes, run: int, pos: int, code: int,
-                reason: str) -> tuple[bytes, int]:
-        self._write(data, run, pos)
-        self.fail(code, reason)
-        self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
-        return b"", 0
-
     def _on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
@@ -629,8 +668,9 @@ class _UpstreamSide(_Side):
         if not self.close_sent:
             self.send_close(code, reason)
         self.finish()
-        if code in (1005, 1006, 1015):
-            code = 1000
+        if code in (CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE,
+                    CloseCode.TLS_HANDSHAKE):  # none given, or one no frame may carry
+            code = CloseCode.NORMAL_CLOSURE
         self.relay.decide(RelayResult("upstream", code, clip_reason(reason)))
 
     def lost(self) -> None:
