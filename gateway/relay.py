@@ -685,7 +685,8 @@ class Relay:
     """Relays one session until either side closes or :meth:`end` is called.
 
     ``client`` and ``upstream`` are the two connected transports (TCP or TLS) right
-    after the upgrade; the relay becomes their protocol at once, in the constructor, and
+    after the upgrade.  The constructor only builds state; :meth:`start` takes the
+    transports over (call it at once, before yielding to the event loop), and
     :meth:`run` waits for the end.  ``upstream_buffered`` are bytes the upstream sent
     after its 101 before the hand-off (frames, not yet read); ``upstream_lost`` says
     the upstream connection was already lost then.
@@ -734,16 +735,34 @@ class Relay:
         self._upstream.peer = self._client
         self.client_write = client.write
         self.upstream_write = upstream.write
-        # Take both connections over now, so that nothing is read by their previous
-        # protocols and the buffered upstream bytes come first.
+        self._upstream_buffered = upstream_buffered
+        self._upstream_lost = upstream_lost
+        self._started = False
+
+    def start(self) -> None:
+        """Take both connections over: become their protocol, resume their reading, relay
+        ``upstream_buffered`` and report a connection that is already gone.
+
+        Call it once, right after the constructor and before yielding to the event loop
+        (so that nothing is read by the transports' previous protocols and the buffered
+        upstream bytes come first), then :meth:`run`.  It may already decide the end
+        (a buffered close frame, a lost connection): :meth:`run` then returns it.
+
+        Raises:
+            RuntimeError: when called a second time.
+        """
+        if self._started:
+            raise RuntimeError("Relay.start() called twice")
+        self._started = True
         for side in (self._client, self._upstream):
             side.transport.set_protocol(side)
             if not side.transport.is_closing():
                 side.transport.resume_reading()
-        if upstream_buffered:
-            self._upstream.data_received(upstream_buffered)
+        buffered, self._upstream_buffered = self._upstream_buffered, b""
+        if buffered:
+            self._upstream.data_received(buffered)
         for side in (self._client, self._upstream):
-            if side.transport.is_closing() or (side is self._upstream and upstream_lost):
+            if side.transport.is_closing() or (side is self._upstream and self._upstream_lost):
                 side.connection_lost(None)
 
     @property
@@ -785,8 +804,16 @@ class Relay:
     async def run(self) -> RelayResult:
         """Relay until the session ends and both connections are closed; return how it
         ended.  Never raises for peer behaviour; a cancelled :meth:`run` aborts both
-        connections before re-raising."""
+        connections before re-raising.
+
+        Raises:
+            RuntimeError: :meth:`start` was not called (both connections are aborted).
+        """
         client, upstream = self._client, self._upstream
+        if not self._started:
+            client.transport.abort()
+            upstream.transport.abort()
+            raise RuntimeError("Relay.run() before Relay.start()")
         try:
             client.schedule_ping()
             upstream.schedule_ping()

@@ -119,10 +119,12 @@ class Harness:
         self.relay = Relay(self.client, self.upstream, self.usage.append, guard,
                            max_client_message=max_message, max_upstream_message=max_message,
                            ping_interval=ping_interval, ping_timeout=ping_interval)
+        assert self.client.protocol is None and self.upstream.protocol is None
+        self.relay.start()
         self.task = asyncio.create_task(self.relay.run())
 
     async def started(self) -> Harness:
-        await asyncio.sleep(0)  # let run() start (the constructor took the transports over)
+        await asyncio.sleep(0)  # let run() start (start() took the transports over)
         assert self.client.protocol is not None and self.upstream.protocol is not None
         return self
 
