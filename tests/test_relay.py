@@ -18,7 +18,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLIENT, SERVER, Protocol
 
 from gateway import relay as relay_module
-from gateway.errors import SLOW_CONSUMER
+from gateway.errors import SLOW_CONSUMER, UPSTREAM_LOST
 from gateway.relay import Relay, RelayResult
 from gateway.usage import TokenCounts
 from tests.support.gateway import wait_for
@@ -367,3 +367,34 @@ async def test_a_client_that_has_not_read_its_close_lingers_then_is_aborted(
     assert result.end is SLOW_CONSUMER
     assert h.client.closing and not h.client.aborted  # closed after a flush: it may still read
     await wait_for(lambda: h.client.aborted, within=5)
+
+
+async def test_the_constructor_does_no_io_and_start_takes_the_connections_over() -> None:
+    client, upstream = FakeTransport(), FakeTransport()
+    client.reading = upstream.reading = False  # as the hand-off leaves them
+    usage: list[TokenCounts] = []
+    relay = Relay(client, upstream, usage.append,
+                  upstream_buffered=server_frames(Frame(Opcode.TEXT, json.dumps(
+                      USAGE_EVENT).encode())), upstream_lost=True,
+                  max_client_message=100, max_upstream_message=1000,
+                  ping_interval=None, ping_timeout=None)
+    assert (client.protocol, upstream.protocol, client.reading, upstream.reading) == (
+        None, None, False, False)
+    assert client.writes == upstream.writes == [] and usage == []
+    relay.start()
+    assert client.protocol is not None and upstream.protocol is not None and client.reading
+    assert [u.billable for u in usage] == [30]  # the buffered frame came first
+    with pytest.raises(RuntimeError):
+        relay.start()
+    result = await relay.run()  # the upstream was already lost
+    assert (result.initiator, result.end) == ("upstream", UPSTREAM_LOST)
+
+
+async def test_run_without_start_raises_and_drops_both_connections() -> None:
+    client, upstream = FakeTransport(), FakeTransport()
+    client.protocol, upstream.protocol = asyncio.Protocol(), asyncio.Protocol()  # the old ones
+    relay = Relay(client, upstream, lambda _: None, max_client_message=100,
+                  max_upstream_message=100, ping_interval=None, ping_timeout=None)
+    with pytest.raises(RuntimeError, match="start"):
+        await relay.run()
+    assert client.aborted and upstream.aborted
