@@ -21,7 +21,9 @@ Rules (CONTRACT §5):
   shown to the session's guard (model pinning);
 * RFC 6455 violations by the client (unmasked or reserved bits, reserved opcodes,
   bad control frames or continuation sequences) close it 1002; a message over
-  ``server.max_message_bytes`` 1009;
+  ``server.max_message_bytes`` 1009 — a fragmented message costs its payloads *and*
+  its frames' headers, and may span at most :data:`MAX_FRAGMENTS_PER_MESSAGE` frames
+  (both sides are checked by one function, :func:`frame_header`);
 * backpressure, not buffering: when one side's transport buffer passes its high-water
   mark the other side's reading is paused until it drains; the gateway's housekeeping
   ends a session whose client stays blocked (``slow_consumer``);
@@ -73,6 +75,12 @@ CLOSE_TIMEOUT = 2.0
 LINGER_SECONDS = 10.0
 """Seconds a peer that has not read its last frames (write buffer not empty when the
 closing handshake timed out) is given to read them before the connection is aborted."""
+MAX_FRAGMENTS_PER_MESSAGE = 1024
+"""Frames one message may span (RFC 6455 §5.4 sets no limit); one more closes 1009.
+Browsers and the OpenAI SDKs never fragment a message, ``websockets`` only when asked
+to (one frame per chunk of an iterable): this is far above what they send, and bounds
+what a fragmented message costs the relay (its frames are held until it is complete)
+beyond its bytes, which count toward the size cap with every frame's header."""
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _FIN = 0x80
@@ -228,6 +236,10 @@ class _Side(asyncio.Protocol):
         """Resolved when the connection is gone or lingers (the session need not wait)."""
         self.write_paused = False
         self.close_sent = False
+        self.fragments = 0
+        """Frames of the fragmented message being received (0: none)."""
+        self.fragment_cost = 0
+        """Bytes of that message so far: payloads and frame headers."""
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0
@@ -353,6 +365,22 @@ class _Side(asyncio.Protocol):
         if not self.close_sent:
             self.send_frame(OP_PONG, payload)
 
+    def count_fragment(self, size: int, length: int) -> None:
+        """Charge one frame (``size`` header and ``length`` payload bytes) to the
+        fragmented message being received.
+
+        Raises:
+            FrameError: ``MESSAGE_TOO_BIG`` (1009) when the message spans more than
+                :data:`MAX_FRAGMENTS_PER_MESSAGE` frames, or its payloads and headers
+                together pass the size cap.
+        """
+        self.fragments += 1
+        self.fragment_cost += size + length
+        if self.fragments > MAX_FRAGMENTS_PER_MESSAGE:
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+        if self.fragment_cost > self.max_message:
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
     def on_pong(self, payload: bytes) -> None:
         if self._ping_payload is not None and payload == self._ping_payload:
             self._ping_payload = None
@@ -418,7 +446,6 @@ class _ClientSide(_Side):
         self.guard = guard
         self._fragments: list[tuple[bytes, bytes]] | None = None
         self._fragment_opcode = 0
-        self._fragment_bytes = 0
         self._utf8: codecs.IncrementalDecoder | None = None
 
     def consume(self, data: bytes) -> tuple[bytes, int]:
@@ -429,7 +456,7 @@ class _ClientSide(_Side):
         try:
             while pos < n:
                 header = frame_header(data, pos, n, _MASKED,
-                                      self.max_message - self._fragment_bytes)
+                                      self.max_message - self.fragment_cost)
                 if header is None:
                     break
                 size, length = header
@@ -458,9 +485,9 @@ class _ClientSide(_Side):
                         relay.client_messages += 1
                         relay.client_bytes += length
                     else:
+                        self.count_fragment(size, length)
                         self._fragments = [(data[pos:pos + size - 4], payload)]
                         self._fragment_opcode = opcode
-                        self._fragment_bytes = length
                         if opcode == OP_TEXT:
                             self._utf8 = codecs.getincrementaldecoder("utf-8")()
                             self._decode(payload, final=False)
@@ -468,8 +495,8 @@ class _ClientSide(_Side):
                     if self._fragments is None:
                         raise FrameError(CloseCode.PROTOCOL_ERROR,
                                          "continuation without a message")
+                    self.count_fragment(size, length)
                     self._fragments.append((data[pos:pos + size - 4], payload))
-                    self._fragment_bytes += length
                     if self._utf8 is not None:
                         self._decode(payload, final=bool(b0 & _FIN))
                     if b0 & _FIN:
@@ -528,7 +555,7 @@ class _ClientSide(_Side):
         fragments = self._fragments
         assert fragments is not None
         self._fragments = None
-        self._fragment_bytes = 0
+        self.fragments = self.fragment_cost = 0
         self._utf8 = None
         if self._fragment_opcode == OP_TEXT:
             verdict = self._text_verdict(b"".join(payload for _, payload in fragments))
@@ -586,7 +613,7 @@ class _UpstreamSide(_Side):
         run = 0  # start of the data frames not yet written to the client
         try:
             while pos < n:
-                header = frame_header(data, pos, n, 0, self.max_message - self._message_bytes)
+                header = frame_header(data, pos, n, 0, self.max_message - self.fragment_cost)
                 if header is None:
                     break
                 size, length = header
@@ -610,6 +637,7 @@ class _UpstreamSide(_Side):
                             if usage is not None:
                                 relay.on_usage(usage)
                     else:
+                        self.count_fragment(size, length)
                         self._in_message = True
                         self._message_bytes = length
                         self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
@@ -617,6 +645,7 @@ class _UpstreamSide(_Side):
                     if not self._in_message:
                         raise FrameError(CloseCode.PROTOCOL_ERROR,
                                          "continuation without a message")
+                    self.count_fragment(size, length)
                     self._message_bytes += length
                     if self._text is not None:
                         self._text.append(data[pos + size:end])
@@ -656,6 +685,7 @@ class _UpstreamSide(_Side):
                 relay.on_usage(usage)
         self._in_message = False
         self._message_bytes = 0
+        self.fragments = self.fragment_cost = 0
         self._text = None
 
     def _on_close(self, payload: bytes) -> None:
@@ -698,9 +728,11 @@ class Relay:
     side's transport is over its high-water mark (for the send deadline).
 
     Args:
-        max_client_message: bytes; a larger client message closes the client 1009.
-        max_upstream_message: bytes; a larger upstream message fails the upstream 1009
-            and the client gets ``upstream_error`` + 1011.
+        max_client_message: bytes; a larger client message closes the client 1009
+            (a fragmented one counts its frame headers too; see
+            :data:`MAX_FRAGMENTS_PER_MESSAGE` for the cap on its frames).
+        max_upstream_message: bytes, the same for upstream messages; the upstream is
+            failed 1009 and the client gets ``upstream_error`` + 1011.
         ping_interval, ping_timeout: keepalive towards both sides, seconds; ``None``
             disables pings (or the deadline for their pongs).
     """

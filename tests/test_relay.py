@@ -398,3 +398,27 @@ async def test_run_without_start_raises_and_drops_both_connections() -> None:
     with pytest.raises(RuntimeError, match="start"):
         await relay.run()
     assert client.aborted and upstream.aborted
+
+
+async def test_frame_headers_count_toward_a_fragmented_message() -> None:
+    """990 payload bytes pass in one frame under a 1,000-byte cap; in two frames their
+    headers (6 bytes each, masking key included) make 1,002: closed 1009."""
+    h = await harness(max_message=1000)
+    h.from_client(client_frames(Frame(Opcode.BINARY, bytes(990))))
+    assert h.relay.client_messages == 1
+    h.from_client(client_frames(Frame(Opcode.BINARY, bytes(495), fin=False),
+                                Frame(Opcode.CONT, bytes(495))))
+    result = await h.result()
+    assert (result.initiator, result.code, result.reason) == ("client", 1009, "message too big")
+    assert h.relay.client_messages == 1
+
+
+async def test_an_upstream_message_over_the_fragment_cap_fails_the_upstream() -> None:
+    h = await harness()
+    cap = relay_module.MAX_FRAGMENTS_PER_MESSAGE
+    h.from_upstream(server_frames(Frame(Opcode.TEXT, b"[", fin=False),
+                                  *(Frame(Opcode.CONT, b"", fin=False) for _ in range(cap))))
+    result = await h.result()
+    assert (result.initiator, result.code, result.end) == ("upstream", 1011, UPSTREAM_LOST)
+    close = parsed(h.upstream.received(), sent_by_client=True)[-1]
+    assert Close.parse(bytes(close.data)) == Close(1009, "too many fragments")
