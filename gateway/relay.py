@@ -25,7 +25,9 @@ Rules (CONTRACT §5):
   its frames' headers, and may span at most :data:`MAX_FRAGMENTS_PER_MESSAGE` frames
   (both sides are checked by one function, :func:`frame_header`);
 * backpressure, not buffering: when one side's transport buffer passes its high-water
-  mark the other side's reading is paused until it drains; the gateway's housekeeping
+  mark the other side's reading is paused until it drains; the client is not read
+  either while its *own* buffer is over the mark (what it sends can only add answers
+  — pongs, guard refusals — to what it does not read); the gateway's housekeeping
   ends a session whose client stays blocked (``slow_consumer``);
 * the first side to end decides the close: an upstream close frame goes to the
   client with its code and reason; an upstream that vanished (reset, EOF, no pong)
@@ -37,7 +39,9 @@ Rules (CONTRACT §5):
   for :data:`LINGER_SECONDS` so it can still read its ``error`` event and close frame.
   The session itself (its lease, its upstream) ends without waiting for that;
 * keepalive pings to both sides every ``ping_interval`` seconds; a side that does not
-  answer within ``ping_timeout`` is lost.  Pings from either side are answered here.
+  answer within ``ping_timeout`` is lost.  Pings from either side are answered here:
+  the latest ping of each read (RFC 6455 §5.5.3), held while that side's buffer is
+  over its mark, so at most one pong is ever pending.
 
 Counters are plain integers published by the session once a second.
 """
@@ -224,6 +228,9 @@ class _Side(asyncio.Protocol):
 
     masked_out = False
     """Whether frames written to this peer are masked (true towards the upstream)."""
+    paced_by_own_backlog = False
+    """Whether this peer is not read while its own write buffer is over the high-water
+    mark (true for the client: what it sends may only add to what it does not read)."""
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int) -> None:
         self.relay = relay
@@ -240,6 +247,8 @@ class _Side(asyncio.Protocol):
         """Frames of the fragmented message being received (0: none)."""
         self.fragment_cost = 0
         """Bytes of that message so far: payloads and frame headers."""
+        self._pong: bytes | None = None
+        """The payload of the latest ping not answered yet."""
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0
@@ -266,6 +275,8 @@ class _Side(asyncio.Protocol):
                                           UPSTREAM_LOST))
             self.relay.abort_upstream()
             return
+        if self._pong is not None:
+            self._answer_ping()
         if rest:
             self._chunks = [rest]
             self._have = len(rest)
@@ -276,19 +287,35 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        peer = self.peer.transport
-        if not peer.is_closing():
-            peer.pause_reading()
+        self.peer.sync_reading()
+        if self.paced_by_own_backlog:
+            self.sync_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        peer = self.peer.transport
-        if not peer.is_closing():
-            peer.resume_reading()
+        if self._pong is not None:
+            self._answer_ping()
+        self.peer.sync_reading()
+        if self.paced_by_own_backlog:
+            self.sync_reading()
+
+    def sync_reading(self) -> None:
+        """Read this peer unless a write buffer it would add to is over its high-water
+        mark: the other peer's, or (:attr:`paced_by_own_backlog`) its own.  Once a close
+        frame was sent it is read regardless (its reply must get through)."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not self.close_sent and (self.peer.write_paused or (
+                self.paced_by_own_backlog and self.write_paused)):
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_timers()
         self._chunks = []
+        self._pong = None
         self.cancel_close_timer()
         for future in (self.closed, self.settled):
             if not future.done():
@@ -314,6 +341,9 @@ class _Side(asyncio.Protocol):
             self.transport.write(encode_frame(opcode, payload, self.masked_out))
 
     def _write_close(self, code: int, reason: str) -> None:
+        if self._pong is not None:  # answered before the close, even if over the mark
+            self.send_frame(OP_PONG, self._pong)
+            self._pong = None
         self.close_sent = True
         if not self.transport.is_closing():
             self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason),
@@ -362,7 +392,16 @@ class _Side(asyncio.Protocol):
         self.finish()
 
     def on_ping(self, payload: bytes) -> None:
+        """Note a ping; it is answered after the frames of this read, only the latest of
+        them (RFC 6455 §5.5.3), and not while this peer's write buffer is over its
+        high-water mark: at most one pong is pending."""
         if not self.close_sent:
+            self._pong = payload
+
+    def _answer_ping(self) -> None:
+        if not self.write_paused:
+            payload, self._pong = self._pong, None
+            assert payload is not None
             self.send_frame(OP_PONG, payload)
 
     def count_fragment(self, size: int, length: int) -> None:
@@ -439,6 +478,8 @@ class _Side(asyncio.Protocol):
 
 class _ClientSide(_Side):
     """The client's connection: masked frames in, unmasked frames out."""
+
+    paced_by_own_backlog = True
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int,
                  guard: Guard | None) -> None:
