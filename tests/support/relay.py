@@ -43,7 +43,8 @@ class _Accepted(asyncio.Protocol):
 
 class Peer:
     """One end of a relayed connection as its peer sees it: a non-blocking socket whose
-    received frames are parsed by ``websockets`` (``role`` is the peer's own)."""
+    received frames are parsed by ``websockets``, which also answers them while
+    :meth:`read` runs (pongs, the closing handshake), as a ``websockets`` peer would."""
 
     def __init__(self, sock: socket.socket, *, is_client: bool) -> None:
         self.sock = sock
@@ -51,7 +52,7 @@ class Peer:
         self.frames: list[Frame] = []
         self.eof = False
 
-    async def send(self, data: bytes, within: float = 30.0) -> None:
+    async def send(self, data: bytes | memoryview, within: float = 30.0) -> None:
         """Write all of ``data`` (waits while the relay does not read);
         :class:`TimeoutError` after ``within`` seconds."""
         async with asyncio.timeout(within):
@@ -75,6 +76,10 @@ class Peer:
                 assert self.parser.parser_exc is None, self.parser.parser_exc
                 self.frames.extend(event for event in self.parser.events_received()
                                    if isinstance(event, Frame))
+                for answer in self.parser.data_to_send():
+                    if answer:  # b"": websockets' signal to half-close; not needed here
+                        with contextlib.suppress(ConnectionError):
+                            await loop.sock_sendall(self.sock, answer)
 
     async def close_code(self, within: float = 10.0) -> int | None:
         """Read until the close frame; its code (``None`` if the connection ends without)."""
