@@ -391,6 +391,21 @@ class _Side(asyncio.Protocol):
             self._write_close(code, reason)
         self.finish()
 
+    def on_control(self, opcode: int, payload: bytes) -> bool:
+        """Handle a control frame; ``True`` when it was the close frame (read no more)."""
+        if opcode == OP_CLOSE:
+            self.on_close(payload)
+            return True
+        if opcode == OP_PING:
+            self.on_ping(payload)
+        else:
+            self.on_pong(payload)
+        return False
+
+    def on_close(self, payload: bytes) -> None:
+        """The peer's close frame (its payload, not yet parsed)."""
+        raise NotImplementedError
+
     def on_ping(self, payload: bytes) -> None:
         """Note a ping; it is answered after the frames of this read, only the latest of
         them (RFC 6455 §5.5.3), and not while this peer's write buffer is over its
@@ -542,14 +557,11 @@ class _ClientSide(_Side):
                         self._decode(payload, final=bool(b0 & _FIN))
                     if b0 & _FIN:
                         self._fragmented_message_ends(out)
-                elif opcode == OP_CLOSE:
-                    self._flush(out, b"", 0)
-                    self._on_close(payload)
-                    return b"", 0
-                elif opcode == OP_PING:
-                    self.on_ping(payload)
-                else:
-                    self.on_pong(payload)
+                else:  # a control frame
+                    if opcode == OP_CLOSE:
+                        self._flush(out, b"", 0)  # what came before goes first
+                    if self.on_control(opcode, payload):
+                        return b"", 0
                 pos = end
         except FrameError as error:
             self._flush(out, b"", 0)  # what came before the bad frame is relayed
@@ -614,7 +626,7 @@ class _ClientSide(_Side):
         self.relay.client_messages += 1
         self.relay.client_bytes += total
 
-    def _on_close(self, payload: bytes) -> None:
+    def on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
             self.relay.decide(RelayResult("client", CloseCode.PROTOCOL_ERROR,
@@ -695,14 +707,8 @@ class _UpstreamSide(_Side):
                 else:  # a control frame: not forwarded
                     self._write(data, run, pos)
                     run = end
-                    payload = data[pos + size:end]
-                    if opcode == OP_CLOSE:
-                        self._on_close(payload)
+                    if self.on_control(opcode, data[pos + size:end]):
                         return b"", 0
-                    if opcode == OP_PING:
-                        self.on_ping(payload)
-                    else:
-                        self.on_pong(payload)
                 pos = end
         except FrameError as error:
             self._write(data, run, pos)  # what came before the bad frame is relayed
@@ -729,7 +735,7 @@ class _UpstreamSide(_Side):
         self.fragments = self.fragment_cost = 0
         self._text = None
 
-    def _on_close(self, payload: bytes) -> None:
+    def on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
             self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "",

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tracemalloc
-from collections.abc import Callable, Iterator
 
 from websockets.frames import Close, Frame, Opcode
 
 from gateway.relay import MAX_FRAGMENTS_PER_MESSAGE
 from tests.support.gateway import wait_for
-from tests.support.relay import Peer, loopback_relay
+from tests.support.relay import Peer, loopback_relay, traced
 
 EMPTY_CONTINUATION = bytes((0x00, 0x80, 0, 0, 0, 0))
 """A masked continuation frame with ``fin=0`` and no payload (6 bytes, key 0)."""
@@ -29,17 +27,6 @@ def masked(*frames: Frame) -> bytes:
 
 def unmasked(*frames: Frame) -> bytes:
     return b"".join(frame.serialize(mask=False, extensions=[]) for frame in frames)
-
-
-@contextlib.contextmanager
-def traced() -> Iterator[Callable[[], int]]:
-    """Trace allocations in the block; the function returns the peak traced bytes so far
-    (what was allocated before the block is not counted)."""
-    tracemalloc.start()
-    try:
-        yield lambda: tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 async def send_until_closed(peer: Peer, data: bytes) -> None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tests.faults.conftest import LeakSweep, Tokens, serve
 from tests.faults.proxy import OP_CLOSE, OP_PONG, OP_TEXT, RawWebSocket, encode_frame
 from tests.support.emulator import emulator_sessions
 from tests.support.gateway import MODEL, RunningGateway, gateway_config, wait_for
+from tests.support.relay import traced
 
 MiB = 1024 * 1024
 EMPTY_CONTINUATION = bytes((0x00, 0x80, 0, 0, 0, 0))
@@ -38,16 +38,6 @@ async def gw(emulator: Emulator, key_file: Path,
                             server={"send_timeout_seconds": 1, "drain_seconds": 0})
     async with serve(sweep, config) as running:
         yield running
-
-
-@contextlib.contextmanager
-def traced() -> Iterator[Callable[[], int]]:
-    """Trace allocations in the block; the function returns the peak traced bytes."""
-    tracemalloc.start()
-    try:
-        yield lambda: tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 async def raw_session(gw: RunningGateway, tokens: Tokens) -> RawWebSocket:

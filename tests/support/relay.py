@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from websockets.frames import Close, Frame, Opcode
@@ -27,6 +28,17 @@ from gateway.usage import TokenCounts
 
 HOST = "127.0.0.1"
 READ_BYTES = 1 << 16
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[Callable[[], int]]:
+    """Trace allocations in the block (``tracemalloc``); the function returns the peak of
+    traced bytes so far.  What was allocated before the block is not counted."""
+    tracemalloc.start()
+    try:
+        yield lambda: tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 class _Accepted(asyncio.Protocol):
