@@ -21,9 +21,13 @@ Rules (CONTRACT §5):
   shown to the session's guard (model pinning);
 * RFC 6455 violations by the client (unmasked or reserved bits, reserved opcodes,
   bad control frames or continuation sequences) close it 1002; a message over
-  ``server.max_message_bytes`` 1009;
+  ``server.max_message_bytes`` 1009 — a fragmented message costs its payloads *and*
+  its frames' headers, and may span at most :data:`MAX_FRAGMENTS_PER_MESSAGE` frames
+  (both sides are checked by one function, :func:`frame_header`);
 * backpressure, not buffering: when one side's transport buffer passes its high-water
-  mark the other side's reading is paused until it drains; the gateway's housekeeping
+  mark the other side's reading is paused until it drains; the client is not read
+  either while its *own* buffer is over the mark (what it sends can only add answers
+  — pongs, guard refusals — to what it does not read); the gateway's housekeeping
   ends a session whose client stays blocked (``slow_consumer``);
 * the first side to end decides the close: an upstream close frame goes to the
   client with its code and reason; an upstream that vanished (reset, EOF, no pong)
@@ -35,7 +39,9 @@ Rules (CONTRACT §5):
   for :data:`LINGER_SECONDS` so it can still read its ``error`` event and close frame.
   The session itself (its lease, its upstream) ends without waiting for that;
 * keepalive pings to both sides every ``ping_interval`` seconds; a side that does not
-  answer within ``ping_timeout`` is lost.  Pings from either side are answered here.
+  answer within ``ping_timeout`` is lost.  Pings from either side are answered here:
+  the latest ping of each read (RFC 6455 §5.5.3), held while that side's buffer is
+  over its mark, so at most one pong is ever pending.
 
 Counters are plain integers published by the session once a second.
 """
@@ -50,12 +56,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from websockets.exceptions import ProtocolError
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.speedups import apply_mask
 
 from gateway.errors import UPSTREAM_LOST, SessionEnd
 from gateway.logs import get_logger
-from gateway.usage import TokenCounts, tap
+from gateway.usage import RESPONSE_DONE_MARKER, TRANSCRIPTION_DONE_MARKER, TokenCounts, tap
 
 log = get_logger(__name__)
 
@@ -67,12 +73,18 @@ Guard = Callable[[bytes], str | None]
 
 MAX_REASON_BYTES = 123
 """RFC 6455 §5.5: a control frame payload is <= 125 bytes, two of them the code."""
-CLIENT_GONE_CODE = 1001
+CLIENT_GONE_CODE = CloseCode.GOING_AWAY
 CLOSE_TIMEOUT = 2.0
 """Seconds to wait for a peer's closing handshake before the connection is aborted."""
 LINGER_SECONDS = 10.0
 """Seconds a peer that has not read its last frames (write buffer not empty when the
 closing handshake timed out) is given to read them before the connection is aborted."""
+MAX_FRAGMENTS_PER_MESSAGE = 1024
+"""Frames one message may span (RFC 6455 §5.4 sets no limit); one more closes 1009.
+Browsers and the OpenAI SDKs never fragment a message, ``websockets`` only when asked
+to (one frame per chunk of an iterable): this is far above what they send, and bounds
+what a fragmented message costs the relay (its frames are held until it is complete)
+beyond its bytes, which count toward the size cap with every frame's header."""
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _FIN = 0x80
@@ -81,7 +93,13 @@ _MASKED = 0x80
 _GUARDED = (b"session.update", b"\\u")
 """A client text message containing either is shown to the guard (``\\u`` because a
 JSON escape can spell ``session.update`` without those bytes)."""
-_USAGE = (b'"response.done"', b"transcription.completed")
+_RESPONSE_DONE = RESPONSE_DONE_MARKER
+_TRANSCRIPTION_DONE = TRANSCRIPTION_DONE_MARKER
+_BAD_UTF8 = "invalid UTF-8 in text message"
+
+# What a client text message gets (:meth:`_ClientSide._text_verdict`); ``FORWARD`` is 0,
+# so the hot path tests it as false.
+FORWARD, REFUSED, INVALID = 0, 1, 2
 
 
 def clip_reason(reason: str) -> str:
@@ -123,27 +141,67 @@ def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
 def close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload (RFC 6455 §5.5.1): none for 1005, else the code and the
     reason clipped to 123 UTF-8 bytes."""
-    if code == 1005:
+    if code == CloseCode.NO_STATUS_RCVD:
         return b""
     return Close(code, clip_reason(reason)).serialize()
 
 
-def _header(data: bytes, pos: int, n: int) -> tuple[int, int] | None:
-    """``(header length including any masking key, payload length)`` of the frame at
-    ``pos``, or ``None`` while the header is incomplete."""
+class FrameError(Exception):
+    """A peer's frame breaks RFC 6455 or a limit: the connection is failed with ``code``
+    (a :class:`~websockets.frames.CloseCode`) and ``reason`` (§7.1.7)."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+def frame_header(data: bytes, pos: int, n: int, mask: int, room: int) -> tuple[int, int] | None:
+    """The header of the frame at ``data[pos:n]``, checked (RFC 6455 §5.2-§5.5).
+
+    Returns ``(header bytes, masking key included; payload bytes)``, or ``None`` while
+    the header is incomplete.  ``mask`` is ``0x80`` when the peer must mask its frames
+    (a client, §5.3) and ``0`` when it must not (a server, §5.1); ``room`` is how many
+    payload bytes a data frame may carry (what its message may still grow by).
+
+    Raises:
+        FrameError: ``PROTOCOL_ERROR`` (1002) for the wrong mask bit, RSV bits (no
+            extension is ever negotiated), a reserved opcode, or a control frame that is
+            fragmented or over 125 bytes; ``MESSAGE_TOO_BIG`` (1009) for a data frame
+            over ``room`` (known from its header, before its payload is read).
+    """
     if n - pos < 2:
         return None
+    b0 = data[pos]
     b1 = data[pos + 1]
+    if b1 & _MASKED != mask:
+        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                         "unmasked client frame" if mask else "masked server frame")
+    if b0 & _RSV:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set")
+    opcode = b0 & 0x0F
     length = b1 & 0x7F
-    size = 6 if b1 & _MASKED else 2
+    size = 6 if mask else 2
+    if opcode >= OP_CLOSE:
+        if opcode > OP_PONG:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved opcode")
+        if not b0 & _FIN or length > 125:
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "invalid control frame")
+        return size, length
+    if opcode > OP_BINARY:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved opcode")
     if length == 126:
         if n - pos < 4:
             return None
-        return size + 2, (data[pos + 2] << 8) | data[pos + 3]
-    if length == 127:
+        size += 2
+        length = (data[pos + 2] << 8) | data[pos + 3]
+    elif length == 127:
         if n - pos < 10:
             return None
-        return size + 8, int.from_bytes(data[pos + 2:pos + 10], "big")
+        size += 8
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+    if length > room:
+        raise FrameError(CloseCode.MESSAGE_TOO_BIG, "message too big")
     return size, length
 
 
@@ -152,7 +210,8 @@ class RelayResult:
     """How a relayed session ended.
 
     ``code`` is the close code the client sent (``initiator == "client"``; 1006 when
-    it vanished, 1002/1007/1009 when it broke the protocol) or was sent (otherwise).
+    it vanished, 1002/1007/1009 when it broke the protocol) or was sent (otherwise);
+    the relay's own codes are :class:`~websockets.frames.CloseCode` members (ints).
     ``end`` is the gateway's or the upstream's in-session cause (CONTRACT §5), ``None``
     for ordinary closes.
     """
@@ -169,6 +228,9 @@ class _Side(asyncio.Protocol):
 
     masked_out = False
     """Whether frames written to this peer are masked (true towards the upstream)."""
+    paced_by_own_backlog = False
+    """Whether this peer is not read while its own write buffer is over the high-water
+    mark (true for the client: what it sends may only add to what it does not read)."""
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int) -> None:
         self.relay = relay
@@ -181,6 +243,12 @@ class _Side(asyncio.Protocol):
         """Resolved when the connection is gone or lingers (the session need not wait)."""
         self.write_paused = False
         self.close_sent = False
+        self.fragments = 0
+        """Frames of the fragmented message being received (0: none)."""
+        self.fragment_cost = 0
+        """Bytes of that message so far: payloads and frame headers."""
+        self._pong: bytes | None = None
+        """The payload of the latest ping not answered yet."""
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0
@@ -207,6 +275,8 @@ class _Side(asyncio.Protocol):
                                           UPSTREAM_LOST))
             self.relay.abort_upstream()
             return
+        if self._pong is not None:
+            self._answer_ping()
         if rest:
             self._chunks = [rest]
             self._have = len(rest)
@@ -217,19 +287,35 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        peer = self.peer.transport
-        if not peer.is_closing():
-            peer.pause_reading()
+        self.peer.sync_reading()
+        if self.paced_by_own_backlog:
+            self.sync_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        peer = self.peer.transport
-        if not peer.is_closing():
-            peer.resume_reading()
+        if self._pong is not None:
+            self._answer_ping()
+        self.peer.sync_reading()
+        if self.paced_by_own_backlog:
+            self.sync_reading()
+
+    def sync_reading(self) -> None:
+        """Read this peer unless a write buffer it would add to is over its high-water
+        mark: the other peer's, or (:attr:`paced_by_own_backlog`) its own.  Once a close
+        frame was sent it is read regardless (its reply must get through)."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not self.close_sent and (self.peer.write_paused or (
+                self.paced_by_own_backlog and self.write_paused)):
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_timers()
         self._chunks = []
+        self._pong = None
         self.cancel_close_timer()
         for future in (self.closed, self.settled):
             if not future.done():
@@ -255,6 +341,9 @@ class _Side(asyncio.Protocol):
             self.transport.write(encode_frame(opcode, payload, self.masked_out))
 
     def _write_close(self, code: int, reason: str) -> None:
+        if self._pong is not None:  # answered before the close, even if over the mark
+            self.send_frame(OP_PONG, self._pong)
+            self._pong = None
         self.close_sent = True
         if not self.transport.is_closing():
             self.transport.write(encode_frame(OP_CLOSE, close_payload(code, reason),
@@ -302,9 +391,49 @@ class _Side(asyncio.Protocol):
             self._write_close(code, reason)
         self.finish()
 
+    def on_control(self, opcode: int, payload: bytes) -> bool:
+        """Handle a control frame; ``True`` when it was the close frame (read no more)."""
+        if opcode == OP_CLOSE:
+            self.on_close(payload)
+            return True
+        if opcode == OP_PING:
+            self.on_ping(payload)
+        else:
+            self.on_pong(payload)
+        return False
+
+    def on_close(self, payload: bytes) -> None:
+        """The peer's close frame (its payload, not yet parsed)."""
+        raise NotImplementedError
+
     def on_ping(self, payload: bytes) -> None:
+        """Note a ping; it is answered after the frames of this read, only the latest of
+        them (RFC 6455 §5.5.3), and not while this peer's write buffer is over its
+        high-water mark: at most one pong is pending."""
         if not self.close_sent:
+            self._pong = payload
+
+    def _answer_ping(self) -> None:
+        if not self.write_paused:
+            payload, self._pong = self._pong, None
+            assert payload is not None
             self.send_frame(OP_PONG, payload)
+
+    def count_fragment(self, size: int, length: int) -> None:
+        """Charge one frame (``size`` header and ``length`` payload bytes) to the
+        fragmented message being received.
+
+        Raises:
+            FrameError: ``MESSAGE_TOO_BIG`` (1009) when the message spans more than
+                :data:`MAX_FRAGMENTS_PER_MESSAGE` frames, or its payloads and headers
+                together pass the size cap.
+        """
+        self.fragments += 1
+        self.fragment_cost += size + length
+        if self.fragments > MAX_FRAGMENTS_PER_MESSAGE:
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+        if self.fragment_cost > self.max_message:
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     def on_pong(self, payload: bytes) -> None:
         if self._ping_payload is not None and payload == self._ping_payload:
@@ -354,10 +483,10 @@ class _Side(asyncio.Protocol):
         try:
             close = Close.parse(payload)
         except UnicodeDecodeError:
-            self.fail(1007, "invalid UTF-8 in close reason")
+            self.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in close reason")
             return None
         except ProtocolError:
-            self.fail(1002, "malformed close frame")
+            self.fail(CloseCode.PROTOCOL_ERROR, "malformed close frame")
             return None
         return close.code, close.reason
 
@@ -365,86 +494,80 @@ class _Side(asyncio.Protocol):
 class _ClientSide(_Side):
     """The client's connection: masked frames in, unmasked frames out."""
 
+    paced_by_own_backlog = True
+
     def __init__(self, relay: Relay, transport: asyncio.Transport, max_message: int,
                  guard: Guard | None) -> None:
         super().__init__(relay, transport, max_message)
         self.guard = guard
         self._fragments: list[tuple[bytes, bytes]] | None = None
         self._fragment_opcode = 0
-        self._fragment_bytes = 0
         self._utf8: codecs.IncrementalDecoder | None = None
-        self.failed = False
 
     def consume(self, data: bytes) -> tuple[bytes, int]:
         relay = self.relay
         n = len(data)
         pos = 0
         out: list[bytes] = []
-        while pos < n:
-            header = _header(data, pos, n)
-            if header is None:
-                break
-            size, length = header
-            b0 = data[pos]
-            opcode = b0 & 0x0F
-            if not data[pos + 1] & _MASKED:
-                return self._violation(out, 1002, "unmasked client frame")
-            if b0 & _RSV:
-                return self._violation(out, 1002, "reserved bits set")
-            if opcode >= OP_CLOSE:
-                if opcode > OP_PONG:
-                    return self._violation(out, 1002, "reserved opcode")
-                if not b0 & _FIN or length > 125:
-                    return self._violation(out, 1002, "invalid control frame")
-            elif opcode > OP_BINARY:
-                return self._violation(out, 1002, "reserved opcode")
-            elif length + self._fragment_bytes > self.max_message:
-                return self._violation(out, 1009, "message too big")
-            end = pos + size + length
-            if end > n:
-                return self._flush(out, data[pos:], end - pos)
-            payload = apply_mask(data[pos + size:end], data[pos + size - 4:pos + size])
-            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
-                if self._fragments is not None:
-                    return self._violation(out, 1002, "new message inside a fragmented one")
-                if b0 & _FIN:
-                    if opcode == OP_TEXT and not self._text_passes(out, payload):
-                        if self.failed:
-                            return b"", 0
-                        pos = end
-                        continue
-                    key = _KEYS.next()
-                    out.append(data[pos:pos + size - 4])
-                    out.append(key)
-                    out.append(apply_mask(payload, key))
-                    relay.client_messages += 1
-                    relay.client_bytes += length
-                else:
-                    self._fragments = [(data[pos:pos + size - 4], payload)]
-                    self._fragment_opcode = opcode
-                    self._fragment_bytes = length
-                    if opcode == OP_TEXT:
-                        self._utf8 = codecs.getincrementaldecoder("utf-8")()
-                        if not self._decodes(payload, final=False):
-                            return self._violation(out, 1007, "invalid UTF-8 in text message")
-            elif opcode == OP_CONT:
-                if self._fragments is None:
-                    return self._violation(out, 1002, "continuation without a message")
-                self._fragments.append((data[pos:pos + size - 4], payload))
-                self._fragment_bytes += length
-                if self._utf8 is not None and not self._decodes(payload, final=bool(b0 & _FIN)):
-                    return self._violation(out, 1007, "invalid UTF-8 in text message")
-                if b0 & _FIN:
-                    self._fragmented_message_ends(out)
-            elif opcode == OP_CLOSE:
-                self._flush(out, b"", 0)
-                self._on_close(payload)
-                return b"", 0
-            elif opcode == OP_PING:
-                self.on_ping(payload)
-            else:
-                self.on_pong(payload)
-            pos = end
+        try:
+            while pos < n:
+                header = frame_header(data, pos, n, _MASKED,
+                                      self.max_message - self.fragment_cost)
+                if header is None:
+                    break
+                size, length = header
+                end = pos + size + length
+                if end > n:
+                    return self._flush(out, data[pos:], end - pos)
+                b0 = data[pos]
+                opcode = b0 & 0x0F
+                payload = apply_mask(data[pos + size:end], data[pos + size - 4:pos + size])
+                if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                    if self._fragments is not None:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "new message inside a fragmented one")
+                    if b0 & _FIN:
+                        if opcode == OP_TEXT:
+                            verdict = self._text_verdict(payload)
+                            if verdict:
+                                if verdict == INVALID:
+                                    raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+                                pos = end
+                                continue
+                        key = _KEYS.next()
+                        out.append(data[pos:pos + size - 4])
+                        out.append(key)
+                        out.append(apply_mask(payload, key))
+                        relay.client_messages += 1
+                        relay.client_bytes += length
+                    else:
+                        self.count_fragment(size, length)
+                        self._fragments = [(data[pos:pos + size - 4], payload)]
+                        self._fragment_opcode = opcode
+                        if opcode == OP_TEXT:
+                            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+                            self._decode(payload, final=False)
+                elif opcode == OP_CONT:
+                    if self._fragments is None:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "continuation without a message")
+                    self.count_fragment(size, length)
+                    self._fragments.append((data[pos:pos + size - 4], payload))
+                    if self._utf8 is not None:
+                        self._decode(payload, final=bool(b0 & _FIN))
+                    if b0 & _FIN:
+                        self._fragmented_message_ends(out)
+                else:  # a control frame
+                    if opcode == OP_CLOSE:
+                        self._flush(out, b"", 0)  # what came before goes first
+                    if self.on_control(opcode, payload):
+                        return b"", 0
+                pos = end
+        except FrameError as error:
+            self._flush(out, b"", 0)  # what came before the bad frame is relayed
+            self.fail(error.code, error.reason)
+            self.relay.decide(RelayResult("client", error.code, error.reason))
+            return b"", 0
         return self._flush(out, data[pos:] if pos < n else b"", 0 if pos >= n else n - pos + 1)
 
     def _flush(self, out: list[bytes], rest: bytes, need: int) -> tuple[bytes, int]:
@@ -454,47 +577,45 @@ class _ClientSide(_Side):
             out.clear()
         return rest, need
 
-    def _violation(self, out: list[bytes], code: int, reason: str) -> tuple[bytes, int]:
-        self.failed = True
-        self._flush(out, b"", 0)
-        self.fail(code, reason)
-        self.relay.decide(RelayResult("client", code, reason))
-        return b"", 0
-
-    def _decodes(self, payload: bytes, *, final: bool) -> bool:
+    def _decode(self, payload: bytes, *, final: bool) -> None:
+        """Feed one fragment of a text message to its UTF-8 decoder; raises
+        :class:`FrameError` (1007) when it is not UTF-8."""
         assert self._utf8 is not None
         try:
             self._utf8.decode(payload, final)
         except UnicodeDecodeError:
-            return False
-        return True
+            raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8) from None
 
-    def _text_passes(self, out: list[bytes], payload: bytes) -> bool:
-        """UTF-8 check and model pinning for one complete text message; a refusal is
-        answered here (1007 or an ``error`` event)."""
+    def _text_verdict(self, payload: bytes) -> int:
+        """UTF-8 check and model pinning for one complete text message: :data:`FORWARD`
+        (0); :data:`REFUSED` by the guard, whose ``error`` event is sent to the client
+        here (the message is dropped, the session goes on); :data:`INVALID` UTF-8 (the
+        caller closes the client 1007)."""
         if not payload.isascii():
             try:
                 payload.decode()
             except UnicodeDecodeError:
-                self._violation(out, 1007, "invalid UTF-8 in text message")
-                return False
+                return INVALID
         guard = self.guard
         if guard is not None and (_GUARDED[0] in payload or _GUARDED[1] in payload):
             refusal = guard(payload)
             if refusal is not None:
                 self.send_frame(OP_TEXT, refusal.encode())
-                return False
-        return True
+                return REFUSED
+        return FORWARD
 
     def _fragmented_message_ends(self, out: list[bytes]) -> None:
         fragments = self._fragments
         assert fragments is not None
         self._fragments = None
-        self._fragment_bytes = 0
+        self.fragments = self.fragment_cost = 0
         self._utf8 = None
-        if self._fragment_opcode == OP_TEXT and not self._text_passes(
-                out, b"".join(payload for _, payload in fragments)):
-            return
+        if self._fragment_opcode == OP_TEXT:
+            verdict = self._text_verdict(b"".join(payload for _, payload in fragments))
+            if verdict == INVALID:  # the decoder passed each fragment: cannot happen
+                raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+            if verdict == REFUSED:
+                return
         total = 0
         for head, payload in fragments:
             key = _KEYS.next()
@@ -505,10 +626,11 @@ class _ClientSide(_Side):
         self.relay.client_messages += 1
         self.relay.client_bytes += total
 
-    def _on_close(self, payload: bytes) -> None:
+    def on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
-            self.relay.decide(RelayResult("client", 1002, "malformed close frame"))
+            self.relay.decide(RelayResult("client", CloseCode.PROTOCOL_ERROR,
+                                          "malformed close frame"))
             return
         code, reason = parsed
         if not self.close_sent:  # the client starts the closing handshake: answer it
@@ -517,12 +639,13 @@ class _ClientSide(_Side):
         self.relay.decide(RelayResult("client", code, reason))
 
     def lost(self) -> None:
-        self.relay.decide(RelayResult("client", 1006, ""))
+        self.relay.decide(RelayResult("client", CloseCode.ABNORMAL_CLOSURE, ""))
 
     def ping_expired(self) -> None:
         self._pong_timer = None
-        self.fail(1011, "keepalive ping timeout")
-        self.relay.decide(RelayResult("client", 1006, "keepalive ping timeout"))
+        self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        self.relay.decide(RelayResult("client", CloseCode.ABNORMAL_CLOSURE,
+                                      "keepalive ping timeout"))
 
 
 class _UpstreamSide(_Side):
@@ -541,58 +664,57 @@ class _UpstreamSide(_Side):
         n = len(data)
         pos = 0
         run = 0  # start of the data frames not yet written to the client
-        while pos < n:
-            header = _header(data, pos, n)
-            if header is None:
-                break
-            size, length = header
-            b0 = data[pos]
-            opcode = b0 & 0x0F
-            if data[pos + 1] & _MASKED or b0 & _RSV or 2 < opcode < 8 or opcode > OP_PONG:
-                return self._broken(data, run, pos, 1002, "protocol error")
-            if opcode >= OP_CLOSE and (not b0 & _FIN or length > 125):
-                return self._broken(data, run, pos, 1002, "invalid control frame")
-            if opcode < OP_CLOSE and length + self._message_bytes > self.max_message:
-                return self._broken(data, run, pos, 1009, "message too big")
-            end = pos + size + length
-            if end > n:
-                self._write(data, run, pos)
-                return data[pos:], end - pos
-            if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
-                if self._in_message:
-                    return self._broken(data, run, pos, 1002, "protocol error")
-                if b0 & _FIN:
-                    relay.upstream_messages += 1
-                    relay.upstream_bytes += length
-                    if opcode == OP_TEXT and (data.find(_USAGE[0], pos + size, end) >= 0
-                                              or data.find(_USAGE[1], pos + size, end) >= 0):
-                        usage = tap(data[pos + size:end])
-                        if usage is not None:
-                            relay.on_usage(usage)
-                else:
-                    self._in_message = True
-                    self._message_bytes = length
-                    self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
-            elif opcode == OP_CONT:
-                if not self._in_message:
-                    return self._broken(data, run, pos, 1002, "protocol error")
-                self._message_bytes += length
-                if self._text is not None:
-                    self._text.append(data[pos + size:end])
-                if b0 & _FIN:
-                    self._message_ends()
-            else:  # a control frame: not forwarded
-                self._write(data, run, pos)
-                run = end
-                payload = data[pos + size:end]
-                if opcode == OP_CLOSE:
-                    self._on_close(payload)
-                    return b"", 0
-                if opcode == OP_PING:
-                    self.on_ping(payload)
-                else:
-                    self.on_pong(payload)
-            pos = end
+        try:
+            while pos < n:
+                header = frame_header(data, pos, n, 0, self.max_message - self.fragment_cost)
+                if header is None:
+                    break
+                size, length = header
+                end = pos + size + length
+                if end > n:
+                    self._write(data, run, pos)
+                    return data[pos:], end - pos
+                b0 = data[pos]
+                opcode = b0 & 0x0F
+                if opcode == OP_TEXT or opcode == OP_BINARY:  # noqa: SIM109 - no tuple per frame
+                    if self._in_message:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "new message inside a fragmented one")
+                    if b0 & _FIN:
+                        relay.upstream_messages += 1
+                        relay.upstream_bytes += length
+                        if opcode == OP_TEXT and (
+                                data.find(_RESPONSE_DONE, pos + size, end) >= 0
+                                or data.find(_TRANSCRIPTION_DONE, pos + size, end) >= 0):
+                            usage = tap(data[pos + size:end])
+                            if usage is not None:
+                                relay.on_usage(usage)
+                    else:
+                        self.count_fragment(size, length)
+                        self._in_message = True
+                        self._message_bytes = length
+                        self._text = [data[pos + size:end]] if opcode == OP_TEXT else None
+                elif opcode == OP_CONT:
+                    if not self._in_message:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR,
+                                         "continuation without a message")
+                    self.count_fragment(size, length)
+                    self._message_bytes += length
+                    if self._text is not None:
+                        self._text.append(data[pos + size:end])
+                    if b0 & _FIN:
+                        self._message_ends()
+                else:  # a control frame: not forwarded
+                    self._write(data, run, pos)
+                    run = end
+                    if self.on_control(opcode, data[pos + size:end]):
+                        return b"", 0
+                pos = end
+        except FrameError as error:
+            self._write(data, run, pos)  # what came before the bad frame is relayed
+            self.fail(error.code, error.reason)
+            relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
+            return b"", 0
         self._write(data, run, pos)
         return (data[pos:], n - pos + 1) if pos < n else (b"", 0)
 
@@ -610,16 +732,10 @@ class _UpstreamSide(_Side):
                 relay.on_usage(usage)
         self._in_message = False
         self._message_bytes = 0
+        self.fragments = self.fragment_cost = 0
         self._text = None
 
-    def _broken(self, data: bytes, run: int, pos: int, code: int,
-                reason: str) -> tuple[bytes, int]:
-        self._write(data, run, pos)
-        self.fail(code, reason)
-        self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "", UPSTREAM_LOST))
-        return b"", 0
-
-    def _on_close(self, payload: bytes) -> None:
+    def on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
         if parsed is None:
             self.relay.decide(RelayResult("upstream", UPSTREAM_LOST.close_code, "",
@@ -629,8 +745,9 @@ class _UpstreamSide(_Side):
         if not self.close_sent:
             self.send_close(code, reason)
         self.finish()
-        if code in (1005, 1006, 1015):
-            code = 1000
+        if code in (CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE,
+                    CloseCode.TLS_HANDSHAKE):  # none given, or one no frame may carry
+            code = CloseCode.NORMAL_CLOSURE
         self.relay.decide(RelayResult("upstream", code, clip_reason(reason)))
 
     def lost(self) -> None:
@@ -645,7 +762,8 @@ class Relay:
     """Relays one session until either side closes or :meth:`end` is called.
 
     ``client`` and ``upstream`` are the two connected transports (TCP or TLS) right
-    after the upgrade; the relay becomes their protocol at once, in the constructor, and
+    after the upgrade.  The constructor only builds state; :meth:`start` takes the
+    transports over (call it at once, before yielding to the event loop), and
     :meth:`run` waits for the end.  ``upstream_buffered`` are bytes the upstream sent
     after its 101 before the hand-off (frames, not yet read); ``upstream_lost`` says
     the upstream connection was already lost then.
@@ -657,9 +775,11 @@ class Relay:
     side's transport is over its high-water mark (for the send deadline).
 
     Args:
-        max_client_message: bytes; a larger client message closes the client 1009.
-        max_upstream_message: bytes; a larger upstream message fails the upstream 1009
-            and the client gets ``upstream_error`` + 1011.
+        max_client_message: bytes; a larger client message closes the client 1009
+            (a fragmented one counts its frame headers too; see
+            :data:`MAX_FRAGMENTS_PER_MESSAGE` for the cap on its frames).
+        max_upstream_message: bytes, the same for upstream messages; the upstream is
+            failed 1009 and the client gets ``upstream_error`` + 1011.
         ping_interval, ping_timeout: keepalive towards both sides, seconds; ``None``
             disables pings (or the deadline for their pongs).
     """
@@ -694,16 +814,34 @@ class Relay:
         self._upstream.peer = self._client
         self.client_write = client.write
         self.upstream_write = upstream.write
-        # Take both connections over now, so that nothing is read by their previous
-        # protocols and the buffered upstream bytes come first.
+        self._upstream_buffered = upstream_buffered
+        self._upstream_lost = upstream_lost
+        self._started = False
+
+    def start(self) -> None:
+        """Take both connections over: become their protocol, resume their reading, relay
+        ``upstream_buffered`` and report a connection that is already gone.
+
+        Call it once, right after the constructor and before yielding to the event loop
+        (so that nothing is read by the transports' previous protocols and the buffered
+        upstream bytes come first), then :meth:`run`.  It may already decide the end
+        (a buffered close frame, a lost connection): :meth:`run` then returns it.
+
+        Raises:
+            RuntimeError: when called a second time.
+        """
+        if self._started:
+            raise RuntimeError("Relay.start() called twice")
+        self._started = True
         for side in (self._client, self._upstream):
             side.transport.set_protocol(side)
             if not side.transport.is_closing():
                 side.transport.resume_reading()
-        if upstream_buffered:
-            self._upstream.data_received(upstream_buffered)
+        buffered, self._upstream_buffered = self._upstream_buffered, b""
+        if buffered:
+            self._upstream.data_received(buffered)
         for side in (self._client, self._upstream):
-            if side.transport.is_closing() or (side is self._upstream and upstream_lost):
+            if side.transport.is_closing() or (side is self._upstream and self._upstream_lost):
                 side.connection_lost(None)
 
     @property
@@ -745,8 +883,16 @@ class Relay:
     async def run(self) -> RelayResult:
         """Relay until the session ends and both connections are closed; return how it
         ended.  Never raises for peer behaviour; a cancelled :meth:`run` aborts both
-        connections before re-raising."""
+        connections before re-raising.
+
+        Raises:
+            RuntimeError: :meth:`start` was not called (both connections are aborted).
+        """
         client, upstream = self._client, self._upstream
+        if not self._started:
+            client.transport.abort()
+            upstream.transport.abort()
+            raise RuntimeError("Relay.run() before Relay.start()")
         try:
             client.schedule_ping()
             upstream.schedule_ping()

@@ -1,8 +1,10 @@
 """Token usage read from upstream server events (CONTRACT §6 ``tokens_total`` kinds).
 
-Pure functions.  The relay calls :func:`tap` on every upstream *text* frame;
-it costs two substring searches unless the frame may carry usage, and only
-then is the JSON parsed.
+Pure functions.  An upstream text message carries usage only if it contains
+:data:`RESPONSE_DONE_MARKER` or :data:`TRANSCRIPTION_DONE_MARKER`: the relay
+searches its frames for them in place and calls :func:`tap` on the few that
+match; :func:`tap` searches again (two substring searches) and only then
+parses the JSON.
 
 Sources (openai-python ``types/realtime``):
 
@@ -24,10 +26,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-_RESPONSE_DONE = '"response.done"'
-_TRANSCRIPTION_DONE = "transcription.completed"
-_RESPONSE_DONE_B = _RESPONSE_DONE.encode()
-_TRANSCRIPTION_DONE_B = _TRANSCRIPTION_DONE.encode()
+RESPONSE_DONE_MARKER = b'"response.done"'
+"""Bytes in every ``response.done`` event (its ``type`` value, quoted)."""
+TRANSCRIPTION_DONE_MARKER = b"transcription.completed"
+"""Bytes in every ``conversation.item.input_audio_transcription.completed`` event."""
+_RESPONSE_DONE = RESPONSE_DONE_MARKER.decode()
+_TRANSCRIPTION_DONE = TRANSCRIPTION_DONE_MARKER.decode()
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 KINDS = ("input_text", "input_audio", "input_image", "input_cached", "output_text", "output_audio")
@@ -115,7 +119,7 @@ def tap(frame: str | bytes) -> TokenCounts | None:
     (malformed or absurdly nested JSON carries no usage).
     """
     if isinstance(frame, bytes):
-        if _RESPONSE_DONE_B not in frame and _TRANSCRIPTION_DONE_B not in frame:
+        if RESPONSE_DONE_MARKER not in frame and TRANSCRIPTION_DONE_MARKER not in frame:
             return None
     elif _RESPONSE_DONE not in frame and _TRANSCRIPTION_DONE not in frame:
         return None

@@ -18,7 +18,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLIENT, SERVER, Protocol
 
 from gateway import relay as relay_module
-from gateway.errors import SLOW_CONSUMER
+from gateway.errors import SLOW_CONSUMER, UPSTREAM_LOST
 from gateway.relay import Relay, RelayResult
 from gateway.usage import TokenCounts
 from tests.support.gateway import wait_for
@@ -119,10 +119,12 @@ class Harness:
         self.relay = Relay(self.client, self.upstream, self.usage.append, guard,
                            max_client_message=max_message, max_upstream_message=max_message,
                            ping_interval=ping_interval, ping_timeout=ping_interval)
+        assert self.client.protocol is None and self.upstream.protocol is None
+        self.relay.start()
         self.task = asyncio.create_task(self.relay.run())
 
     async def started(self) -> Harness:
-        await asyncio.sleep(0)  # let run() start (the constructor took the transports over)
+        await asyncio.sleep(0)  # let run() start (start() took the transports over)
         assert self.client.protocol is not None and self.upstream.protocol is not None
         return self
 
@@ -319,14 +321,127 @@ async def test_gateway_end_sends_error_and_close_then_drops_a_silent_client() ->
     assert h.client.aborted
 
 
+def protocols(h: Harness) -> tuple[asyncio.Protocol, asyncio.Protocol]:
+    client, upstream = h.client.protocol, h.upstream.protocol
+    assert isinstance(client, asyncio.Protocol) and isinstance(upstream, asyncio.Protocol)
+    return client, upstream
+
+
 async def test_backpressure_pauses_the_other_side() -> None:
     h = await harness()
-    client_protocol = h.client.protocol
-    assert isinstance(client_protocol, asyncio.Protocol)
-    client_protocol.pause_writing()
-    assert h.relay.sending_to_client and not h.upstream.reading
-    client_protocol.resume_writing()
-    assert not h.relay.sending_to_client and h.upstream.reading
+    _, upstream = protocols(h)
+    upstream.pause_writing()  # client -> upstream is backed up: the client is not read
+    assert h.relay.sending_to_upstream and not h.client.reading and h.upstream.reading
+    upstream.resume_writing()
+    assert not h.relay.sending_to_upstream and h.client.reading
+
+
+async def test_a_client_over_its_own_high_water_mark_is_not_read() -> None:
+    """Neither peer is read while the client's buffer is over its mark; the client is
+    read again only once neither buffer it would add to is."""
+    h = await harness()
+    client, upstream = protocols(h)
+    client.pause_writing()
+    assert h.relay.sending_to_client and not h.upstream.reading and not h.client.reading
+    upstream.pause_writing()
+    client.resume_writing()
+    assert h.upstream.reading and not h.client.reading  # the upstream is still backed up
+    client.pause_writing()
+    upstream.resume_writing()
+    assert not h.client.reading and not h.upstream.reading
+    client.resume_writing()
+    assert h.client.reading and h.upstream.reading
+
+
+async def test_a_paused_client_is_read_again_once_the_gateway_closes_it() -> None:
+    h = await harness()
+    client, _ = protocols(h)
+    client.pause_writing()
+    h.relay.end(SLOW_CONSUMER)
+    assert h.client.reading  # its close frame must get through
+    client.resume_writing()
+    client.pause_writing()
+    assert h.client.reading
+
+
+async def test_pings_get_one_pong_per_read_none_while_over_the_mark() -> None:
+    h = await harness()
+    client, _ = protocols(h)
+    h.from_client(client_frames(*(Frame(Opcode.PING, b"%d" % i) for i in range(5))))
+    assert [(f.opcode, bytes(f.data)) for f in parsed(h.client.received(), sent_by_client=False)
+            ] == [(Opcode.PONG, b"4")]  # RFC 6455 §5.5.3: the latest is enough
+    h.client.writes.clear()
+    client.pause_writing()
+    h.from_client(client_frames(Frame(Opcode.PING, b"a")))
+    h.from_client(client_frames(Frame(Opcode.PING, b"b")))
+    assert h.client.writes == []
+    client.resume_writing()
+    [pong] = parsed(h.client.received(), sent_by_client=False)
+    assert (pong.opcode, bytes(pong.data)) == (Opcode.PONG, b"b")
+
+
+async def test_a_pending_pong_goes_before_the_close() -> None:
+    h = await harness()
+    h.from_client(client_frames(Frame(Opcode.PING, b"p"),
+                                Frame(Opcode.CLOSE, Close(1000, "bye").serialize())))
+    assert [f.opcode for f in parsed(h.client.received(), sent_by_client=False)] == [
+        Opcode.PONG, Opcode.CLOSE]
+    assert (await h.result()).code == 1000
+
+
+async def test_frame_headers_count_toward_a_fragmented_message() -> None:
+    """990 payload bytes pass in one frame under a 1,000-byte cap; in two frames their
+    headers (6 bytes each, masking key included) make 1,002: closed 1009."""
+    h = await harness(max_message=1000)
+    h.from_client(client_frames(Frame(Opcode.BINARY, bytes(990))))
+    assert h.relay.client_messages == 1
+    h.from_client(client_frames(Frame(Opcode.BINARY, bytes(495), fin=False),
+                                Frame(Opcode.CONT, bytes(495))))
+    result = await h.result()
+    assert (result.initiator, result.code, result.reason) == ("client", 1009, "message too big")
+    assert h.relay.client_messages == 1
+
+
+async def test_an_upstream_message_over_the_fragment_cap_fails_the_upstream() -> None:
+    h = await harness()
+    cap = relay_module.MAX_FRAGMENTS_PER_MESSAGE
+    h.from_upstream(server_frames(Frame(Opcode.TEXT, b"[", fin=False),
+                                  *(Frame(Opcode.CONT, b"", fin=False) for _ in range(cap))))
+    result = await h.result()
+    assert (result.initiator, result.code, result.end) == ("upstream", 1011, UPSTREAM_LOST)
+    close = parsed(h.upstream.received(), sent_by_client=True)[-1]
+    assert Close.parse(bytes(close.data)) == Close(1009, "too many fragments")
+
+
+async def test_the_constructor_does_no_io_and_start_takes_the_connections_over() -> None:
+    client, upstream = FakeTransport(), FakeTransport()
+    client.reading = upstream.reading = False  # as the hand-off leaves them
+    usage: list[TokenCounts] = []
+    relay = Relay(client, upstream, usage.append,
+                  upstream_buffered=server_frames(Frame(Opcode.TEXT, json.dumps(
+                      USAGE_EVENT).encode())), upstream_lost=True,
+                  max_client_message=100, max_upstream_message=1000,
+                  ping_interval=None, ping_timeout=None)
+    assert (client.protocol, upstream.protocol, client.reading, upstream.reading) == (
+        None, None, False, False)
+    assert client.writes == upstream.writes == [] and usage == []
+    relay.start()
+    assert client.protocol is not None and upstream.protocol is not None and client.reading
+    assert [u.billable for u in usage] == [30]  # the buffered frame came first
+    with pytest.raises(RuntimeError):
+        relay.start()
+    result = await relay.run()  # the upstream was already lost
+    assert (result.initiator, result.end) == ("upstream", UPSTREAM_LOST)
+
+
+async def test_run_without_start_raises_and_drops_both_connections() -> None:
+    client, upstream = FakeTransport(), FakeTransport()
+    client.protocol, upstream.protocol = asyncio.Protocol(), asyncio.Protocol()  # the old ones
+    relay = Relay(client, upstream, lambda _: None, max_client_message=100,
+                  max_upstream_message=100, ping_interval=None, ping_timeout=None)
+    with pytest.raises(RuntimeError, match="start"):
+        await relay.run()
+    assert client.aborted and upstream.aborted
 
 
 async def test_keepalive_finds_a_silent_upstream() -> None:
