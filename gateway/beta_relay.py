@@ -428,7 +428,7 @@ class BetaRelay:
 
     Args:
         client, upstream: the two connected transports right after the upgrade; the relay
-            becomes their protocol in the constructor.
+            becomes their protocol in :meth:`start`.
         on_usage: called with the token counts of each GA ``response.done`` /
             transcription-completed event (before translation).
         guard: model pinning (:func:`gateway.guard.model_guard`), shown each translated
@@ -471,14 +471,31 @@ class BetaRelay:
         self._upstream = _Upstream(self, upstream, max_upstream_message)
         self._client.peer = self._upstream
         self._upstream.peer = self._client
+        self._upstream_buffered = upstream_buffered
+        self._upstream_lost = upstream_lost
+        self._started = False
+
+    def start(self) -> None:
+        """Take both connections over, as :meth:`gateway.relay.Relay.start` does: become
+        their protocol, resume their reading, translate ``upstream_buffered`` and report a
+        connection already gone.  Call it once, right after the constructor and before
+        yielding to the event loop.
+
+        Raises:
+            RuntimeError: when called a second time.
+        """
+        if self._started:
+            raise RuntimeError("BetaRelay.start() called twice")
+        self._started = True
         for side in (self._client, self._upstream):
             side.transport.set_protocol(side)
             if not side.transport.is_closing():
                 side.transport.resume_reading()
-        if upstream_buffered:
-            self._upstream.data_received(upstream_buffered)
+        buffered, self._upstream_buffered = self._upstream_buffered, b""
+        if buffered:
+            self._upstream.data_received(buffered)
         for side in (self._client, self._upstream):
-            if side.transport.is_closing() or (side is self._upstream and upstream_lost):
+            if side.transport.is_closing() or (side is self._upstream and self._upstream_lost):
                 side.connection_lost(None)
 
     @property

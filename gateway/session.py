@@ -250,6 +250,7 @@ def start_session(services: Services, registry: Registry, housekeeper: Housekeep
         max_client_message=server.max_message_bytes,
         max_upstream_message=max(server.max_message_bytes, MIN_UPSTREAM_MESSAGE_CAP),
         ping_interval=server.ping_interval_seconds, ping_timeout=server.ping_timeout_seconds)
+    relay.start()  # before yielding to the loop: the transports are the relay's from here
     live = RelayedSession(account, relay)
     registry.register(live)
     account.open(credential=admitted.principal.credential)

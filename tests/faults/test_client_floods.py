@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway import relay as relay_module
-from gateway.emulator import Emulator
+from gateway.emulator.server import Emulator
 from tests.faults.conftest import LeakSweep, Tokens, serve
 from tests.faults.proxy import OP_CLOSE, OP_PONG, OP_TEXT, RawWebSocket, encode_frame
 from tests.support.emulator import emulator_sessions
@@ -76,7 +76,7 @@ async def test_a_fragment_flood_is_closed_1009(
     assert close is not None and close[0] == 1009, close
     assert held < 8 * MiB, f"{held / MiB:.1f} MiB traced"
     await wait_for(lambda: emulator_sessions(emulator)[-1]["closed"], within=5)
-    await wait_for(lambda: not gw.gateway.sessions, within=5)
+    await wait_for(lambda: not gw.gateway.registry.sessions, within=5)
 
 
 async def test_a_ping_flood_from_a_client_that_never_reads_holds_little(
@@ -95,7 +95,7 @@ async def test_a_ping_flood_from_a_client_that_never_reads_holds_little(
         async with asyncio.timeout(20):
             while (frame := await raw.read_frame()) != (OP_PONG, last):
                 assert frame[0] in (OP_TEXT, OP_PONG), frame  # session.created, pongs
-        assert len(gw.gateway.sessions) == 1  # the session goes on
+        assert len(gw.gateway.registry.sessions) == 1  # the session goes on
     finally:
         raw.abort()
 
@@ -133,7 +133,7 @@ async def test_a_client_that_never_reads_its_refusals_is_a_slow_consumer(
         assert int.from_bytes(frame[1][:2], "big") == 1008
         assert set(errors) == {"forbidden", "slow_consumer"} and errors[-1] == "slow_consumer"
         raw.send_frame(OP_CLOSE, frame[1])  # the closing handshake completes
-        await wait_for(lambda: not gw.gateway.sessions, within=5)
+        await wait_for(lambda: not gw.gateway.registry.sessions, within=5)
     finally:
         raw.abort()
         if writer is not None:
