@@ -36,6 +36,9 @@ DEFAULT_SCOPE = "language-model-service:use-model"
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+MAX_UNAUTHENTICATED_HANDSHAKES = 1000
+"""Default of ``server.max_unauthenticated_handshakes``."""
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +57,9 @@ class ServerConfig(_Model):
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     allowed_origins: tuple[str, ...] = ()
     max_sessions: PositiveInt = 2000
+    """Live sessions plus upgrades with a validated token still being opened."""
+    max_unauthenticated_handshakes: PositiveInt = MAX_UNAUTHENTICATED_HANDSHAKES
+    """Upgrades whose token is still being checked (they take no ``max_sessions`` slot)."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     handshake_timeout_seconds: PositiveFloat = 15.0
@@ -182,6 +188,9 @@ class IntrospectionConfig(_Model):
     client_secret_env: str
     cache_seconds: PositiveFloat = 60.0
     timeout_seconds: PositiveFloat = 2.0
+    """Seconds for one lookup, the wait for a free request slot included."""
+    max_concurrent: PositiveInt = 16
+    """Introspection requests in flight at once for this tenant, per replica."""
     _client_secret: str = PrivateAttr(default="")
 
     @property

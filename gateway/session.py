@@ -97,9 +97,10 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
     request = HandshakeRequest.from_scope(scope)
     credentials: Credentials | None = None
     try:
-        with registry.handshake():
+        with registry.handshake() as pending:
             credentials = extract_credentials(request.headers, request.subprotocols)
-            admitted = await open_session(services, request, credentials)
+            admitted = await open_session(services, request, credentials,
+                                          on_authenticated=pending.authenticated)
     except GatewayError as exc:
         tenant = exc.tenant or UNKNOWN_TENANT
         services.metrics.session_rejections_total.labels(tenant, exc.code).inc()
@@ -118,9 +119,12 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
 
 
 async def open_session(services: Services, request: HandshakeRequest,
-                       credentials: Credentials) -> Admitted:
+                       credentials: Credentials, *,
+                       on_authenticated: Callable[[], None] = lambda: None) -> Admitted:
     """Authenticate, admit and dial within ``server.handshake_timeout_seconds``; on success
     the caller owns the lease and the upstream connection, on a refusal nothing is held.
+    ``on_authenticated`` is called once the token is valid (it may refuse: the replica's
+    capacity is taken there, :meth:`gateway.registry.Handshake.authenticated`).
 
     Raises:
         GatewayError: any refusal of CONTRACT §5; :class:`UpstreamTimeout`
@@ -133,6 +137,7 @@ async def open_session(services: Services, request: HandshakeRequest,
             model = request.model()
             principal = await services.authenticator.authenticate(credentials.token)
             try:
+                on_authenticated()
                 admitted = await _admit_and_dial(services, request, principal, model, phases)
             except GatewayError as exc:
                 exc.tenant = principal.tenant.id

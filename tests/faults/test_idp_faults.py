@@ -279,3 +279,62 @@ def token_without_typ(sweep: LeakSweep, key: SigningKey, clock: FakeClock) -> st
     signing_input = f"{json_segment({'alg': key.alg, 'kid': key.kid})}.{json_segment(claims)}"
     signature = JWSRegistry.algorithms[key.alg].sign(signing_input.encode(), key.key)
     return sweep.secret(f"{signing_input}.{b64url(signature)}")
+
+
+async def test_junk_tokens_against_a_slow_introspection_endpoint_take_no_session_capacity(
+        emulator: Emulator, idp: IdpServer, proxy: FaultProxy, rsa_key: SigningKey,
+        clock: FakeClock, sweep: LeakSweep) -> None:
+    """``server.max_sessions: 4``; six junk opaque tokens hang on a slow introspection
+    endpoint: they count as unauthenticated handshakes only, so a valid user of another
+    tenant still opens a session; the endpoint sees at most ``max_concurrent`` calls."""
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["server"]["max_sessions"] = 4
+    data["tenants"].append({
+        "id": "initech",
+        "auth": {"issuer": "https://auth.initech.test/", "introspection": {
+            "url": idp.introspection_url, "client_id": idp.client_id,
+            "client_secret_env": "INITECH_SECRET", "timeout_seconds": 10, "max_concurrent": 2}},
+        "models": {MODEL: {"upstream": "emulator"}}})
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+                                 "INITECH_SECRET": idp.client_secret})
+    idp.modes["/introspect"] = "slow"
+    async with serve(sweep, config, build(config, clock)) as gw:
+        registry = gw.gateway.registry
+        junk = [asyncio.create_task(refused(
+            sweep, gw.url(), {"Authorization": f"Bearer junk-opaque-token-{i:03d}"}))
+            for i in range(6)]
+        await wait_for(lambda: registry.unauthenticated_handshakes == 6, within=5)
+        await wait_for(lambda: idp.in_flight["/introspect"] == 2, within=5)
+        ws = await open_session(sweep, gw.url(), token(sweep, rsa_key, clock))
+        assert registry.pending_handshakes == 6
+        await ws.close()
+        idp.release()  # the held calls, and the queued ones after them, answer 500
+        results = await asyncio.gather(*junk)
+        assert {r.status for r in results} == {503}
+        assert idp.peak_in_flight["/introspect"] == 2
+        assert registry.pending_handshakes == 0
+
+
+async def test_unauthenticated_handshakes_have_a_budget_of_their_own(
+        emulator: Emulator, idp: IdpServer, proxy: FaultProxy, rsa_key: SigningKey,
+        clock: FakeClock, sweep: LeakSweep) -> None:
+    """Over ``server.max_unauthenticated_handshakes`` an upgrade is refused 503 before its
+    token is checked; one that completes frees its place."""
+    idp.modes["/jwks"] = "500"
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["server"]["max_unauthenticated_handshakes"] = 3
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    async with serve(sweep, config, build(config, clock)) as gw:
+        idp.modes["/jwks"] = "slow"  # cold cache: every handshake waits on the one fetch
+        clock.advance(5)
+        held = [asyncio.create_task(refused(
+            sweep, gw.url(), {"Authorization": f"Bearer {token(sweep, rsa_key, clock)}"}))
+            for _ in range(3)]
+        await wait_for(lambda: gw.gateway.registry.unauthenticated_handshakes == 3, within=5)
+        extra = await refused(sweep, gw.url(),
+                              {"Authorization": f"Bearer {token(sweep, rsa_key, clock)}"})
+        assert extra.status == 503
+        assert idp.counts["/jwks"] >= 1
+        idp.release()
+        assert {r.status for r in await asyncio.gather(*held)} == {503}
+        assert gw.gateway.registry.unauthenticated_handshakes == 0
