@@ -60,6 +60,10 @@ class ServerConfig(_Model):
     """Live sessions plus upgrades with a validated token still being opened."""
     max_unauthenticated_handshakes: PositiveInt = MAX_UNAUTHENTICATED_HANDSHAKES
     """Upgrades whose token is still being checked (they take no ``max_sessions`` slot)."""
+    forwarded_allow_ips: tuple[str, ...] = ()
+    """Proxies (IP addresses or CIDR networks, or ``"*"``) whose ``X-Forwarded-For`` /
+    ``X-Forwarded-Proto`` are believed for the client's address (logs); empty: none, the
+    client is the TCP peer (uvicorn's own default would trust 127.0.0.1)."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     handshake_timeout_seconds: PositiveFloat = 15.0
@@ -68,6 +72,19 @@ class ServerConfig(_Model):
     """A peer that accepts no data for this long is a slow consumer: the session closes."""
     ping_interval_seconds: PositiveFloat = 20.0
     ping_timeout_seconds: PositiveFloat = 20.0
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _networks(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address, a CIDR network or '*'") \
+                    from None
+        return entries
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
