@@ -118,6 +118,21 @@ async def test_client_fin_or_rst_without_close_frame(
     assert metric(gw, "realtime_gateway_closes_total", initiator="client") == 1
 
 
+@pytest.mark.parametrize(("code", "label"), [(1000, "1000"), (3999, "other"), (4401, "4401"),
+                                             (4999, "other")])
+async def test_closes_total_labels_only_known_close_codes(
+        gw: RunningGateway, tokens: Tokens, sweep: LeakSweep, code: int, label: str) -> None:
+    """A client may close with any of ~4,000 codes: only the protocol's and the gateway's
+    get a ``closes_total`` series of their own, the rest are ``other``."""
+    ws = await open_session(sweep, gw.url(), tokens.mint())
+    await round_trip(ws)
+    await ws.close(code, "bye")
+    await wait_for(lambda: not gw.gateway.registry.sessions)
+    await wait_for(lambda: metric(gw, "realtime_gateway_closes_total", initiator="client") == 1)
+    assert metric(gw, "realtime_gateway_closes_total", initiator="client", code=label) == 1
+    assert metric(gw, "realtime_gateway_closes_total", code=str(code)) == (label != "other")
+
+
 # -- a client that stops reading --------------------------------------------------------------
 
 FLOOD_FRAME = 64 * 1024
