@@ -237,6 +237,17 @@ class AuthConfig(_Model):
     required_scope: str = DEFAULT_SCOPE
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     leeway_seconds: float = Field(default=30, ge=0, le=300)
+    require_typ: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$&^_.+/-]{1,127}$")] | None = None
+    """The JOSE ``typ`` a JWT must carry, e.g. ``at+jwt`` (RFC 9068 §2.1; compared as a media
+    type, RFC 7515 §4.1.9: case-insensitive, ``application/`` implied).  Off by default:
+    many issuers (Keycloak, Entra) mint access tokens with ``typ: JWT``."""
+
+    @model_validator(mode="after")
+    def _typ_for_jwts(self) -> AuthConfig:
+        if self.require_typ is not None and self.introspection is not None:
+            raise ValueError("require_typ applies to JWT tenants; introspection answers "
+                             "carry no JOSE header")
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:

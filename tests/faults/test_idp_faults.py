@@ -261,15 +261,37 @@ async def test_random_kids_cannot_amplify_jwks_traffic(
 async def test_typ_header_is_not_a_gate(gw: RunningGateway, rsa_key: SigningKey,
                                         clock: FakeClock, sweep: LeakSweep,
                                         typ: str | None) -> None:
-    """Case 10, as configured: the gateway does not enforce RFC 9068's ``typ: at+jwt``
-    (issuers such as Keycloak and Entra send ``JWT``); audience, issuer and scope are
-    what bind a token to this resource server.  Every ``typ``, or none, is admitted."""
+    """Case 10 by default (``auth.require_typ`` unset): the gateway does not enforce RFC
+    9068's ``typ: at+jwt`` (issuers such as Keycloak and Entra send ``JWT``); audience,
+    issuer and scope are what bind a token to this resource server.  Every ``typ``, or
+    none, is admitted."""
     if typ is None:
         signed = token_without_typ(sweep, rsa_key, clock)
     else:
         signed = token(sweep, rsa_key, clock, header={"typ": typ})
     ws = await open_session(sweep, gw.url(), signed)
     await ws.close()
+
+
+async def test_require_typ_refuses_other_types(
+        emulator: Emulator, proxy: FaultProxy, rsa_key: SigningKey, clock: FakeClock,
+        sweep: LeakSweep) -> None:
+    """Case 10 with ``auth.require_typ: at+jwt``: ``typ: JWT`` or none is 401, ``at+jwt``
+    (or ``application/at+jwt``) is admitted."""
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["tenants"][0]["auth"]["require_typ"] = "at+jwt"
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    async with serve(sweep, config, build(config, clock)) as gw:
+        for bad in (token(sweep, rsa_key, clock, header={"typ": "JWT"}),
+                    token_without_typ(sweep, rsa_key, clock)):
+            answer = await refused(sweep, gw.url(), {"Authorization": f"Bearer {bad}"})
+            assert answer.status == 401
+            assert answer.body["error"]["code"] == "invalid_token"
+        for typ in ("at+jwt", "application/at+jwt"):
+            ws = await open_session(sweep, gw.url(), token(sweep, rsa_key, clock,
+                                                            header={"typ": typ}))
+            await ws.close()
+        assert emulator.connections == 2
 
 
 def token_without_typ(sweep: LeakSweep, key: SigningKey, clock: FakeClock) -> str:
