@@ -18,6 +18,7 @@ Already proven at unit level (``tests/integration/test_jwks.py``): refresh-ahead
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from tests.support.gateway import MODEL, UPSTREAM_KEY, UPSTREAM_KEY_ENV, Running
 from tests.support.idp import (
     AUDIENCE,
     ISSUER,
+    SCOPE,
     ConnectionCounter,
     FakeClock,
     IdpServer,
@@ -360,3 +362,37 @@ async def test_unauthenticated_handshakes_have_a_budget_of_their_own(
         idp.release()
         assert {r.status for r in await asyncio.gather(*held)} == {503}
         assert gw.gateway.registry.unauthenticated_handshakes == 0
+
+
+async def test_a_session_without_exp_is_rechecked_and_closed_when_inactive(
+        emulator: Emulator, idp: IdpServer, sweep: LeakSweep) -> None:
+    """An introspection answer without ``exp`` gives a session with no deadline: its token
+    is introspected again every re-check period; an endpoint failure leaves the session
+    running, an inactive answer closes it ``token_expired`` / 4401."""
+    data = idp_config(emulator, idp.jwks_url).model_dump(mode="json")
+    data["tenants"] = [{
+        "id": "initech",
+        "auth": {"issuer": ISSUER, "introspection": {
+            "url": idp.introspection_url, "client_id": idp.client_id,
+            "client_secret_env": "INITECH_SECRET", "cache_seconds": 0.01}},
+        "models": {MODEL: {"upstream": "emulator"}}}]
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+                                 "INITECH_SECRET": idp.client_secret})
+    opaque = sweep.secret(f"opaque-canary-{secrets.token_hex(12)}")
+    idp.answers[opaque] = {"active": True, "iss": ISSUER, "scope": SCOPE,
+                           "sub": sweep.subject(f"sub-canary-{secrets.token_hex(6)}")}
+    async with serve(sweep, config) as gw:  # real time: the answer cache expires
+        gw.gateway.housekeeper.interval = 0.1
+        gw.gateway.housekeeper.recheck_interval = 0.05
+        ws = await open_session(sweep, gw.url(), opaque)
+        first = idp.counts["/introspect"]
+        idp.modes["/introspect"] = "500"
+        await wait_for(lambda: idp.counts["/introspect"] >= first + 2, within=10)
+        assert len(gw.gateway.registry.sessions) == 1  # the endpoint failing ends nothing
+        del idp.modes["/introspect"]
+        idp.answers[opaque] = {"active": False}
+        async with asyncio.timeout(10):
+            event = json.loads(await ws.recv())
+            await ws.wait_closed()
+        assert event["type"] == "error" and event["error"]["code"] == "token_expired"
+        assert ws.close_code == 4401
