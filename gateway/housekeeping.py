@@ -15,7 +15,8 @@ sessions (:attr:`gateway.registry.Registry.sessions`):
    whose renewal finds the balance overdrawn ends the same way.
 5. re-checks, every :data:`RECHECK_SECONDS`, the token of a session that has no expiry
    (an introspection answer without ``exp``, :attr:`Principal.recheck`): when it is no
-   longer valid the session ends (``token_expired``, 4401); when the endpoint cannot tell,
+   longer valid (inactive, expired, its scope gone) the session ends (``token_expired``,
+   4401); when the endpoint cannot tell,
    the session goes on and the next period asks again.  Re-checks run in tasks of their
    own (at most :data:`RECHECK_CONCURRENCY`), so a slow endpoint never delays a tick.
 
@@ -35,7 +36,7 @@ import contextlib
 
 from gateway.auth.authenticator import Recheck
 from gateway.config import TenantConfig
-from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, TOKEN_EXPIRED, InvalidToken, Unavailable
+from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, TOKEN_EXPIRED, GatewayError, Unavailable
 from gateway.logs import get_logger
 from gateway.registry import LiveSession, Registry
 from gateway.services import Services
@@ -152,11 +153,14 @@ class Housekeeper:
                 return
             try:
                 await recheck()
-            except InvalidToken:
-                live.end(TOKEN_EXPIRED)
             except Unavailable:
                 log.warning("session.recheck_failed", session_id=live.account.session_id,
                             tenant=live.account.tenant.id)
+            except GatewayError:  # inactive, expired, another subject, scope gone
+                live.end(TOKEN_EXPIRED)
+            except Exception:  # a defect must not leave the task's error unread
+                log.exception("session.recheck_failed", session_id=live.account.session_id,
+                              tenant=live.account.tenant.id)
 
     async def settle(self, live: LiveSession) -> None:
         """Forget ``live`` (it has left the registry) and wait, at most

@@ -364,11 +364,13 @@ async def test_unauthenticated_handshakes_have_a_budget_of_their_own(
         assert gw.gateway.registry.unauthenticated_handshakes == 0
 
 
+@pytest.mark.parametrize("turns", ["inactive", "scope_gone", "expired"])
 async def test_a_session_without_exp_is_rechecked_and_closed_when_inactive(
-        emulator: Emulator, idp: IdpServer, sweep: LeakSweep) -> None:
+        emulator: Emulator, idp: IdpServer, sweep: LeakSweep, turns: str) -> None:
     """An introspection answer without ``exp`` gives a session with no deadline: its token
     is introspected again every re-check period; an endpoint failure leaves the session
-    running, an inactive answer closes it ``token_expired`` / 4401."""
+    running, an answer that no longer admits the token (inactive, without the scope, or
+    with an ``exp`` now past) closes it ``token_expired`` / 4401."""
     data = idp_config(emulator, idp.jwks_url).model_dump(mode="json")
     data["tenants"] = [{
         "id": "initech",
@@ -390,7 +392,14 @@ async def test_a_session_without_exp_is_rechecked_and_closed_when_inactive(
         await wait_for(lambda: idp.counts["/introspect"] >= first + 2, within=10)
         assert len(gw.gateway.registry.sessions) == 1  # the endpoint failing ends nothing
         del idp.modes["/introspect"]
-        idp.answers[opaque] = {"active": False}
+        answer = dict(idp.answers[opaque])
+        if turns == "inactive":
+            answer = {"active": False}
+        elif turns == "scope_gone":
+            answer["scope"] = "something-else"
+        else:
+            answer["exp"] = int(time.time()) - 60
+        idp.answers[opaque] = answer
         async with asyncio.timeout(10):
             event = json.loads(await ws.recv())
             await ws.wait_closed()
