@@ -17,8 +17,10 @@ closed whatever it is shown:
 2. **Is it cheap to check?**  A candidate over :data:`MAX_CHECKED_BYTES` or with more than
    :data:`MAX_CHECKED_CONTAINERS` ``{``/``[`` bytes (``bytes.count``, an upper bound on
    objects and arrays) is refused unparsed: parsing it would hold the event loop (a
-   15 MB message of small objects took 1.6 s).  Real ``session.update`` events are a few
-   KiB (instructions plus tool schemas: ``docs/security-cases.md``).
+   15 MB message of small objects took 1.6 s).  Real ``session.update`` events are far
+   smaller: measured from openai-agents (Python) 0.24, one tool and short instructions
+   924 bytes; 20 tools and 4,000 characters of instructions 15 KB; 128 tools and 16,000
+   characters 84 KB with 1,035 ``{``/``[``.
 3. **Strict parse** (RFC 8259): invalid UTF-8, syntax errors, trailing data or a second
    value, ``NaN``/``Infinity``, integers over Python's 4,300-digit limit, nesting deeper
    than Python's parser takes (``RecursionError``), and duplicate keys in a message that
