@@ -22,6 +22,24 @@ from gateway.usage import KINDS, TokenCounts
 
 log = get_logger(__name__)
 
+KNOWN_CLOSE_CODES = frozenset(
+    [*range(1000, 1016),  # RFC 6455 §7.4.1 and the IANA WebSocket Close Code registry
+     *(4000 + status for status in (400, 401, 403, 408, 429, 500, 502, 503, 504))])
+"""Close codes a client's close is counted under in ``closes_total{code}``: the protocol's
+and the gateway's (``4000 + status``, CONTRACT §5).  A client may send any of about 4,000
+others, which would each make a series: they are counted as ``other``."""
+
+
+def close_code_label(code: int, initiator: str) -> str:
+    """The ``closes_total{code}`` label of a close: the code's number, except for a
+    client's close with a code not in :data:`KNOWN_CLOSE_CODES` (``"other"``).  The
+    upstream's and the gateway's codes are kept as they are: a few, chosen by the
+    upstream's operator or by the gateway, and what an operator needs to read."""
+    if initiator == "client" and code not in KNOWN_CLOSE_CODES:
+        return "other"
+    return str(code)
+
+
 Counters = tuple[int, int, int, int]
 """``(client→upstream messages, their payload bytes, upstream→client messages, bytes)``."""
 
@@ -143,7 +161,8 @@ class Account:
         m.sessions_total.labels(*labels, ending.outcome).inc()
         m.session_duration_seconds.labels(labels[0], self.model).observe(duration)
         if ending.close_code is not None and ending.initiator is not None:
-            m.closes_total.labels(ending.initiator, str(ending.close_code)).inc()
+            m.closes_total.labels(ending.initiator, close_code_label(
+                ending.close_code, ending.initiator)).inc()
         p = self.principal
         log.info(
             "session.end", session_id=self.lease.session_id, tenant=p.tenant.id,

@@ -94,7 +94,8 @@ def build_gateway(config: Config, metrics: Metrics | None = None) -> Gateway:
 
 def assemble(services: Services) -> Gateway:
     """A :class:`Gateway` around ready-made ``services`` (tests pass fakes or clocks here)."""
-    registry = Registry(services.config.server.max_sessions, services.metrics)
+    registry = Registry(services.config.server.max_sessions, services.metrics,
+                        max_unauthenticated=services.config.server.max_unauthenticated_handshakes)
     return Gateway(services, registry, Housekeeper(services, registry))
 
 

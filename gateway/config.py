@@ -36,6 +36,9 @@ DEFAULT_SCOPE = "language-model-service:use-model"
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+MAX_UNAUTHENTICATED_HANDSHAKES = 1000
+"""Default of ``server.max_unauthenticated_handshakes``."""
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +57,13 @@ class ServerConfig(_Model):
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     allowed_origins: tuple[str, ...] = ()
     max_sessions: PositiveInt = 2000
+    """Live sessions plus upgrades with a validated token still being opened."""
+    max_unauthenticated_handshakes: PositiveInt = MAX_UNAUTHENTICATED_HANDSHAKES
+    """Upgrades whose token is still being checked (they take no ``max_sessions`` slot)."""
+    forwarded_allow_ips: tuple[str, ...] = ()
+    """Proxies (IP addresses or CIDR networks, or ``"*"``) whose ``X-Forwarded-For`` /
+    ``X-Forwarded-Proto`` are believed for the client's address (logs); empty: none, the
+    client is the TCP peer (uvicorn's own default would trust 127.0.0.1)."""
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     handshake_timeout_seconds: PositiveFloat = 15.0
@@ -66,6 +76,19 @@ class ServerConfig(_Model):
     """Realtime beta-protocol clients (CONTRACT §10, :func:`gateway.beta.is_beta`):
     ``translate`` serves them on the GA upstream through :mod:`gateway.beta_relay`;
     ``refuse`` answers with an ``error`` event naming the GA path and closes 4400."""
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _networks(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address, a CIDR network or '*'") \
+                    from None
+        return entries
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
@@ -186,6 +209,9 @@ class IntrospectionConfig(_Model):
     client_secret_env: str
     cache_seconds: PositiveFloat = 60.0
     timeout_seconds: PositiveFloat = 2.0
+    """Seconds for one lookup, the wait for a free request slot included."""
+    max_concurrent: PositiveInt = 16
+    """Introspection requests in flight at once for this tenant, per replica."""
     _client_secret: str = PrivateAttr(default="")
 
     @property
@@ -215,6 +241,17 @@ class AuthConfig(_Model):
     required_scope: str = DEFAULT_SCOPE
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     leeway_seconds: float = Field(default=30, ge=0, le=300)
+    require_typ: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$&^_.+/-]{1,127}$")] | None = None
+    """The JOSE ``typ`` a JWT must carry, e.g. ``at+jwt`` (RFC 9068 §2.1; compared as a media
+    type, RFC 7515 §4.1.9: case-insensitive, ``application/`` implied).  Off by default:
+    many issuers (Keycloak, Entra) mint access tokens with ``typ: JWT``."""
+
+    @model_validator(mode="after")
+    def _typ_for_jwts(self) -> AuthConfig:
+        if self.require_typ is not None and self.introspection is not None:
+            raise ValueError("require_typ applies to JWT tenants; introspection answers "
+                             "carry no JOSE header")
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> AuthConfig:

@@ -8,14 +8,15 @@ The frame relay (:mod:`gateway.relay`) owns both connections of a session after 
   over (and :meth:`~GatewayWebSocketProtocol.run_asgi` copied from uvicorn, minus the
   transport close);
 * :class:`HeaderDeadlineProtocol` — uvicorn's httptools protocol with a request-header
-  deadline (slowloris);
+  deadline (slowloris) and size cap;
 * :class:`HandOffConnection` — a websockets client connection that stops feeding its
   parser at the end of the upstream's 101 and keeps what follows raw;
 
-plus the C masking routine of websockets (:func:`apply_mask`).  The versions these were
-written against are the upper bounds in ``pyproject.toml``; :func:`internals_problems`
-(run by ``tests/test_handoff.py``) lists what no longer matches, so an upgrade of either
-library fails one test loudly instead of sessions quietly.
+plus the C masking routine of websockets (:func:`apply_mask`), and the upgrade parser's
+limits made to follow the gateway's own caps (:data:`MAX_REQUEST_HEAD_BYTES`).  The
+versions these were written against are the upper bounds in ``pyproject.toml``;
+:func:`internals_problems` (run by ``tests/test_handoff.py``) lists what no longer
+matches, so an upgrade of either library fails one test loudly instead of sessions quietly.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets import http11
 from websockets.asyncio.client import ClientConnection
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.speedups import apply_mask
 
-__all__ = ["HAND_OFF", "GatewayWebSocketProtocol", "HandOff", "HandOffConnection",
-           "HeaderDeadlineProtocol", "apply_mask", "header_deadline_protocol",
-           "internals_problems"]
+from gateway.credentials import MAX_TOKEN_BYTES
+
+__all__ = ["HAND_OFF", "MAX_REQUEST_HEAD_BYTES", "GatewayWebSocketProtocol", "HandOff",
+           "HandOffConnection", "HeaderDeadlineProtocol", "apply_mask",
+           "header_deadline_protocol", "internals_problems"]
 
 HAND_OFF = "gateway.hand_off"
 """ASGI scope extension set by :class:`GatewayWebSocketProtocol`: ``{"call": HandOff}``."""
@@ -46,6 +50,22 @@ HandOff = Callable[[str | None], asyncio.Transport | None]
 """Writes the 101 (with the given subprotocol) and returns the client's transport, or
 ``None`` when the client already went away."""
 
+MAX_REQUEST_HEAD_BYTES = 4 * MAX_TOKEN_BYTES
+"""Bytes; the largest request line plus headers a client may send (64 KiB).
+
+An oversize credential must get the gateway's own answer (CONTRACT §5: 401 JSON, or an
+``error`` event and 4401 for a subprotocol carrier), not a parser's plain-text 431: a
+browser cannot read a status.  So websockets' per-line limit (``MAX_LINE_LENGTH``, 8 KiB
+by default, process-wide) is raised to this, well above :data:`MAX_TOKEN_BYTES` (16 KiB);
+and since uvicorn's httptools parser has no limit of its own, a request head over it is
+answered 431 and closed by :class:`HeaderDeadlineProtocol`.  Only requests whose whole
+head is over 64 KiB get a plain 431."""
+
+http11.MAX_LINE_LENGTH = max(http11.MAX_LINE_LENGTH, MAX_REQUEST_HEAD_BYTES)
+
+_HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                   b"Content-Length: 0\r\n\r\n")
+
 UVICORN_RUN_ASGI_SHA256 = (
     "662375aa38d9044cde4f7f2c54a8d33b9c1bee28679e5e5f3598e3fe333d5720")
 """SHA-256 of the source of uvicorn's ``WebSocketsSansIOProtocol.run_asgi`` that
@@ -53,17 +73,34 @@ UVICORN_RUN_ASGI_SHA256 = (
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for the request line and headers.
+    """uvicorn's httptools protocol plus a deadline and a size cap for the request line
+    and headers.
 
     uvicorn has no request-header timeout: a client trickling its upgrade request one
     byte a second holds a connection forever (slowloris).  The connection is closed
     when the headers are not complete ``header_timeout`` seconds after the connection
     opened or the request began.  Everything after the headers (auth, admission, the
-    upstream dial) has its own budget, ``server.handshake_timeout_seconds``.
+    upstream dial) has its own budget, ``server.handshake_timeout_seconds``.  Nor does
+    httptools bound the headers' size: over :data:`MAX_REQUEST_HEAD_BYTES` received before
+    the headers are complete, the request is answered 431 and the connection closed.
     """
 
     header_timeout: float = 15.0
     _deadline: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+    _in_head = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self._disarm()
+                self._in_head = False
+                if not self.transport.is_closing():
+                    self.transport.write(_HEAD_TOO_LARGE)
+                    self.transport.close()
+                return
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -71,11 +108,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
         if self._deadline is None:
             self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head = False
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -105,7 +145,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     accept + ``error`` + close for browsers) still go through ASGI.
 
     Two uvicorn defects are fixed here: an upgrade request that the websockets parser
-    refuses (a header line over 8 KiB, more than 128 headers) is answered 414/431/400
+    refuses (more than 128 headers; a line over its limit) is answered 414/431/400
     and closed instead of held open; a completed HTTP refusal is not logged as
     "ASGI callable returned without completing handshake".
     """
@@ -269,6 +309,10 @@ def internals_problems() -> list[str]:
     if digest != UVICORN_RUN_ASGI_SHA256:
         problems.append("uvicorn's WebSocketsSansIOProtocol.run_asgi changed: compare it with "
                         "GatewayWebSocketProtocol.run_asgi, then update UVICORN_RUN_ASGI_SHA256")
+    if http11.MAX_LINE_LENGTH < MAX_REQUEST_HEAD_BYTES:
+        problems.append("websockets.http11.MAX_LINE_LENGTH no longer follows the gateway")
+    if "MAX_LINE_LENGTH" not in inspect.getsource(http11.parse_line):
+        problems.append("websockets.http11.parse_line no longer reads MAX_LINE_LENGTH")
     if not hasattr(State, "OPEN"):
         problems.append("websockets.protocol.State.OPEN is gone")
     if apply_mask(b"\x00\x00\x00\x00", b"\x01\x02\x03\x04") != b"\x01\x02\x03\x04":

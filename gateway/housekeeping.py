@@ -13,6 +13,12 @@ sessions (:attr:`gateway.registry.Registry.sessions`):
    ``redis.lease_seconds``), at most :data:`RENEWAL_CONCURRENCY` at a time, so that a tick
    never takes the whole Redis connection pool from admissions and releases; a session
    whose renewal finds the balance overdrawn ends the same way.
+5. re-checks, every :data:`RECHECK_SECONDS`, the token of a session that has no expiry
+   (an introspection answer without ``exp``, :attr:`Principal.recheck`): when it is no
+   longer valid (inactive, expired, its scope gone) the session ends (``token_expired``,
+   4401); when the endpoint cannot tell,
+   the session goes on and the next period asks again.  Re-checks run in tasks of their
+   own (at most :data:`RECHECK_CONCURRENCY`), so a slow endpoint never delays a tick.
 
 A renewal re-acquires a lease that is gone (by design, after a Redis restart), so one that
 lands after the session's release would hold the user's slot until the lease expires: the
@@ -28,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from gateway.auth.authenticator import Recheck
 from gateway.config import TenantConfig
-from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER
+from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, TOKEN_EXPIRED, GatewayError, Unavailable
 from gateway.logs import get_logger
 from gateway.registry import LiveSession, Registry
 from gateway.services import Services
@@ -45,6 +52,10 @@ RENEWAL_CONCURRENCY = 8
 RENEWAL_WAIT_SECONDS = 1.0
 """Seconds a session's end waits at most for its lease renewal in flight (one limiter call,
 itself bounded by ``redis.timeout_seconds``)."""
+RECHECK_SECONDS = 60.0
+"""Seconds between two re-checks of a token that has no ``exp``."""
+RECHECK_CONCURRENCY = 8
+"""Token re-checks in flight at once."""
 RECANCEL_SECONDS = 0.1
 """Seconds between two cancellations of a loop that is still running (a cancellation can
 be lost inside a library call on Python 3.11: defect D5 in docs/security-cases.md)."""
@@ -68,6 +79,11 @@ class Housekeeper:
         """Loop time (seconds) at which each session's lease is next renewed."""
         self._renewing: dict[LiveSession, asyncio.Future[None]] = {}
         """Renewals in flight, resolved when they finish."""
+        self.recheck_interval = RECHECK_SECONDS
+        self._recheck_due: dict[LiveSession, float] = {}
+        """Loop time (seconds) at which each session without expiry is next re-checked."""
+        self._rechecking: dict[LiveSession, asyncio.Task[None]] = {}
+        self._recheck_slots = asyncio.Semaphore(RECHECK_CONCURRENCY)
 
     def start(self) -> None:
         """Start the loop in a task of its own (idempotent)."""
@@ -96,6 +112,8 @@ class Housekeeper:
         live_now = self._registry.sessions
         for gone in self._due.keys() - live_now:
             del self._due[gone]
+        for gone in self._recheck_due.keys() - live_now:
+            del self._recheck_due[gone]
         for live in live_now:
             live.publish_counters()
             if live.blocked_for(self.interval) >= self._send_timeout:
@@ -111,17 +129,48 @@ class Housekeeper:
             if now >= next_renewal:
                 self._due[live] = now + renewal
                 due.append(live)
+            recheck = account.principal.recheck
+            if recheck is not None:
+                self._maybe_recheck(live, recheck, now)
         renewals = asyncio.Semaphore(RENEWAL_CONCURRENCY)
         await asyncio.gather(
             *(self._charge(tenant, sessions, total)
               for tenant, sessions, total in charges.values()),
             *(self._renew(live, renewals) for live in due))
 
+    def _maybe_recheck(self, live: LiveSession, recheck: Recheck, now: float) -> None:
+        next_check = self._recheck_due.setdefault(live, now + self.recheck_interval)
+        if now < next_check or live in self._rechecking:
+            return
+        self._recheck_due[live] = now + self.recheck_interval
+        task = asyncio.create_task(self._recheck(live, recheck))
+        self._rechecking[live] = task
+        task.add_done_callback(lambda _: self._rechecking.pop(live, None))
+
+    async def _recheck(self, live: LiveSession, recheck: Recheck) -> None:
+        async with self._recheck_slots:
+            if live not in self._registry:
+                return
+            try:
+                await recheck()
+            except Unavailable:
+                log.warning("session.recheck_failed", session_id=live.account.lease.session_id,
+                            tenant=live.account.tenant.id)
+            except GatewayError:  # inactive, expired, another subject, scope gone
+                live.end(TOKEN_EXPIRED)
+            except Exception:  # a defect must not leave the task's error unread
+                log.exception("session.recheck_failed", session_id=live.account.lease.session_id,
+                              tenant=live.account.tenant.id)
+
     async def settle(self, live: LiveSession) -> None:
         """Forget ``live`` (it has left the registry) and wait, at most
         :data:`RENEWAL_WAIT_SECONDS`, for its renewal in flight to finish, so that its
         lease can be released after it.  Never raises."""
         self._due.pop(live, None)
+        self._recheck_due.pop(live, None)
+        recheck = self._rechecking.pop(live, None)
+        if recheck is not None:
+            recheck.cancel()
         renewal = self._renewing.get(live)
         if renewal is not None:
             with contextlib.suppress(TimeoutError):
@@ -160,6 +209,8 @@ class Housekeeper:
         """
         task, self._task = self._task, None
         self._stopping = True
+        for recheck in list(self._rechecking.values()):
+            recheck.cancel()
         if task is None:
             return
         loop = asyncio.get_running_loop()

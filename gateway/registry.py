@@ -1,9 +1,17 @@
 """The live sessions of this replica: capacity, pending handshakes and the drain.
 
-A session is *pending* from the moment its upgrade is taken (:meth:`Registry.handshake`)
-to its 101 or refusal, and *live* from :meth:`Registry.register` to
-:meth:`Registry.unregister`.  ``server.max_sessions`` bounds both together (CONTRACT §2);
-while draining (SIGTERM, :mod:`gateway.server`) nothing new is taken.  The registry knows
+A handshake is *unauthenticated* from the moment its upgrade is taken
+(:meth:`Registry.handshake`) until its token is validated
+(:meth:`Handshake.authenticated`), then *pending* until its 101 or refusal; a session is
+*live* from :meth:`Registry.register` to :meth:`Registry.unregister`.  Two budgets:
+
+* ``server.max_sessions`` bounds pending plus live sessions (CONTRACT §2): only a
+  validated token takes replica capacity, so junk tokens against a slow token endpoint
+  cannot make a valid user's upgrade a 503;
+* ``server.max_unauthenticated_handshakes`` bounds the unauthenticated ones (each holds
+  a connection and possibly an outbound introspection call).
+
+While draining (SIGTERM, :mod:`gateway.server`) nothing new is taken.  The registry knows
 a live session only through :class:`LiveSession` (end it, read its account), so the
 housekeeping loop and the drain work the same for every kind of session.
 """
@@ -16,6 +24,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from gateway.accounting import Account
+from gateway.config import MAX_UNAUTHENTICATED_HANDSHAKES
 from gateway.errors import SessionEnd, Unavailable
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -48,23 +57,60 @@ class LiveSession(Protocol):
         ...
 
 
+class Handshake:
+    """One upgrade counted by :meth:`Registry.handshake`, unauthenticated until
+    :meth:`authenticated`."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self.is_authenticated = False
+
+    def authenticated(self) -> None:
+        """The token is valid: move this handshake from the unauthenticated budget to
+        ``server.max_sessions`` (idempotent).
+
+        Raises:
+            Unavailable: ``max_sessions`` live and pending sessions already
+                (``reason="replica_full"``, 503 / 4503).
+        """
+        if self.is_authenticated:
+            return
+        registry = self._registry
+        registry.check_capacity()
+        registry.unauthenticated_handshakes -= 1
+        registry.authenticated_handshakes += 1
+        self.is_authenticated = True
+
+
 class Registry:
     """The sessions of one gateway process.
 
     Args:
-        max_sessions: ``server.max_sessions``, the bound on live plus pending sessions.
+        max_sessions: ``server.max_sessions``, the bound on live plus pending
+            (authenticated) sessions.
         metrics: for the ``draining`` gauge.
+        max_unauthenticated: ``server.max_unauthenticated_handshakes``, the bound on
+            upgrades whose token is still being checked.
     """
 
-    def __init__(self, max_sessions: int, metrics: Metrics) -> None:
+    def __init__(self, max_sessions: int, metrics: Metrics, *,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED_HANDSHAKES) -> None:
         self.max_sessions = max_sessions
+        self.max_unauthenticated = max_unauthenticated
         self._metrics = metrics
         self._sessions: set[LiveSession] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.pending_handshakes = 0
-        """Upgrades taken and not yet answered (101 or refusal)."""
+        self.unauthenticated_handshakes = 0
+        """Upgrades taken whose token is not validated yet."""
+        self.authenticated_handshakes = 0
+        """Upgrades with a valid token not yet answered (101 or refusal)."""
         self.draining = False
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Upgrades taken and not yet answered (101 or refusal), authenticated or not."""
+        return self.unauthenticated_handshakes + self.authenticated_handshakes
 
     @property
     def sessions(self) -> frozenset[LiveSession]:
@@ -77,25 +123,40 @@ class Registry:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def check_capacity(self) -> None:
+        """Raise :class:`Unavailable` (``reason="replica_full"``, 503 / 4503) when
+        ``max_sessions`` live and authenticated pending sessions are counted already."""
+        if len(self._sessions) + self.authenticated_handshakes >= self.max_sessions:
+            raise Unavailable("this gateway replica is full; retry shortly",
+                              retry_after=RETRY_AFTER_UNAVAILABLE, reason="replica_full")
+
     @contextlib.contextmanager
-    def handshake(self) -> Iterator[None]:
-        """Count one pending handshake for the ``with`` block.
+    def handshake(self) -> Iterator[Handshake]:
+        """Count one unauthenticated handshake for the ``with`` block; the block calls
+        :meth:`Handshake.authenticated` once the token is valid.
 
         Raises:
-            Unavailable: draining (``reason="draining"``) or ``max_sessions`` live and
-                pending sessions already (``reason="replica_full"``), 503 / 4503.
+            Unavailable: 503 / 4503 when draining (``reason="draining"``), when the replica
+                is full already (``reason="replica_full"``: refused before the token is
+                checked, which would be wasted), or ``max_unauthenticated`` handshakes are
+                unauthenticated already (``reason="handshakes_full"``).
         """
         if self.draining:
             raise Unavailable("the gateway is restarting; retry shortly",
                               retry_after=RETRY_AFTER_UNAVAILABLE, reason="draining")
-        if len(self._sessions) + self.pending_handshakes >= self.max_sessions:
-            raise Unavailable("this gateway replica is full; retry shortly",
-                              retry_after=RETRY_AFTER_UNAVAILABLE, reason="replica_full")
-        self.pending_handshakes += 1
+        self.check_capacity()
+        if self.unauthenticated_handshakes >= self.max_unauthenticated:
+            raise Unavailable("this gateway replica is busy; retry shortly",
+                              retry_after=RETRY_AFTER_UNAVAILABLE, reason="handshakes_full")
+        handshake = Handshake(self)
+        self.unauthenticated_handshakes += 1
         try:
-            yield
+            yield handshake
         finally:
-            self.pending_handshakes -= 1
+            if handshake.is_authenticated:
+                self.authenticated_handshakes -= 1
+            else:
+                self.unauthenticated_handshakes -= 1
 
     def register(self, session: LiveSession) -> None:
         """Count ``session`` as live (for the drain, capacity and housekeeping)."""

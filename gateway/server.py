@@ -100,7 +100,10 @@ class Listeners:
 
 def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicorn.Config:
     """uvicorn settings for the main port: websockets Sans-I/O, no per-message deflate,
-    the client message cap, keepalive pings, our logging (uvicorn configures none)."""
+    the client message cap, keepalive pings, our logging (uvicorn configures none), and
+    ``X-Forwarded-*`` believed only from ``server.forwarded_allow_ips`` (none by default;
+    uvicorn's own default trusts 127.0.0.1, so a same-host proxy that does not set the
+    header would let clients forge the logged ``client``)."""
     server = config.server
     return uvicorn.Config(
         app,
@@ -111,6 +114,8 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         ws_ping_interval=server.ping_interval_seconds,
         ws_ping_timeout=server.ping_timeout_seconds,
         ws_per_message_deflate=False,
+        proxy_headers=bool(server.forwarded_allow_ips),
+        forwarded_allow_ips=list(server.forwarded_allow_ips) or None,
         http=header_deadline_protocol(server.handshake_timeout_seconds),
         lifespan="on",
         log_config=None,

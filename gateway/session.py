@@ -104,13 +104,14 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
     request = HandshakeRequest.from_scope(scope)
     credentials: Credentials | None = None
     try:
-        with registry.handshake():
+        with registry.handshake() as pending:
             credentials = extract_credentials(request.headers, request.subprotocols,
                                               request.query)
             beta = is_beta(request.path, request.query, request.headers, request.subprotocols)
             if beta and services.config.server.beta_clients == "refuse":
                 raise BetaRefused()
-            admitted = await open_session(services, request, credentials, beta=beta)
+            admitted = await open_session(services, request, credentials, beta=beta,
+                                          on_authenticated=pending.authenticated)
     except GatewayError as exc:
         tenant = exc.tenant or UNKNOWN_TENANT
         services.metrics.session_rejections_total.labels(tenant, exc.code).inc()
@@ -129,11 +130,14 @@ async def handle(services: Services, registry: Registry, housekeeper: Housekeepe
 
 
 async def open_session(services: Services, request: HandshakeRequest,
-                       credentials: Credentials, *, beta: bool = False) -> Admitted:
+                       credentials: Credentials, *, beta: bool = False,
+                       on_authenticated: Callable[[], None] = lambda: None) -> Admitted:
     """Authenticate, admit and dial within ``server.handshake_timeout_seconds``; on success
     the caller owns the lease and the upstream connection, on a refusal nothing is held.
     ``beta``: the client speaks the beta protocol (the upstream is dialled GA, without the
-    client's ``OpenAI-Beta`` header).
+    client's ``OpenAI-Beta`` header).  ``on_authenticated`` is called once the token is
+    valid (it may refuse: the replica's capacity is taken there,
+    :meth:`gateway.registry.Handshake.authenticated`).
 
     Raises:
         GatewayError: any refusal of CONTRACT §5; :class:`UpstreamTimeout`
@@ -148,6 +152,7 @@ async def open_session(services: Services, request: HandshakeRequest,
                 raise InvalidRequest("the model query parameter is required")
             principal = await services.authenticator.authenticate(credentials.token)
             try:
+                on_authenticated()
                 model = session_model(principal.secret, requested)
                 admitted = await _admit_and_dial(services, request, principal, model, phases,
                                                  beta)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.jwks import (
@@ -248,6 +249,37 @@ async def test_key_type_must_match_algorithm(
     t = sign_token(claims_for(clock.now), ec_key, kid=rsa_key.kid)
     with pytest.raises(InvalidToken):
         await harness.validate(t)
+
+
+@pytest.mark.parametrize(("require", "typ", "accepted"), [
+    (None, "JWT", True), (None, "x", True), (None, "at+jwt", True),
+    ("at+jwt", "at+jwt", True), ("at+jwt", "application/at+jwt", True),
+    ("at+jwt", "AT+JWT", True), ("application/at+jwt", "at+jwt", True),
+    ("at+jwt", "JWT", False), ("at+jwt", None, False), ("at+jwt", "", False),
+    ("at+jwt", ["at+jwt"], False), ("at+jwt", "application/jwt", False),
+])
+async def test_require_typ_compares_media_types(
+    clock: FakeClock, rsa_key: SigningKey, require: str | None, typ: object, accepted: bool
+) -> None:
+    """``auth.require_typ`` (RFC 9068 §2.1 ``at+jwt``): the header's ``typ`` must be that
+    media type, ``application/`` implied (RFC 7515 §4.1.9); off, any ``typ`` passes."""
+    h = Harness(clock, [rsa_key], require_typ=require)
+    await h.cache.start()
+    try:
+        t = sign_token(claims_for(clock.now), rsa_key, header={"typ": typ})
+        if accepted:
+            assert (await h.validate(t)).subject
+        else:
+            with pytest.raises(InvalidToken):
+                await h.validate(t)
+    finally:
+        await h.cache.aclose()
+
+
+@pytest.mark.parametrize("value", ["", "at jwt", "x" * 128])
+def test_require_typ_must_be_a_media_type(value: str) -> None:
+    with pytest.raises(ValidationError):
+        auth_config(require_typ=value)
 
 
 def flip_signature_byte(t: str) -> str:

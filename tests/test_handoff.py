@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets import http11
 
 from gateway import handoff
+from gateway.credentials import MAX_TOKEN_BYTES
 
 
 def test_the_internals_the_hand_off_relies_on_are_as_written_against() -> None:
@@ -29,3 +31,7 @@ def test_the_header_deadline_class_carries_its_deadline() -> None:
     assert issubclass(protocol, handoff.HeaderDeadlineProtocol)
     assert protocol.header_timeout == 2.5
     assert handoff.HeaderDeadlineProtocol.header_timeout == 15.0  # the class is untouched
+
+
+def test_the_upgrade_parser_takes_lines_longer_than_any_credential() -> None:
+    assert http11.MAX_LINE_LENGTH >= handoff.MAX_REQUEST_HEAD_BYTES > MAX_TOKEN_BYTES + 4096

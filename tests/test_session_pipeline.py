@@ -280,7 +280,7 @@ async def test_a_subprotocol_client_is_accepted_told_and_closed(rig: Rig) -> Non
 
 async def test_a_full_replica_refuses_before_reading_the_token(rig: Rig) -> None:
     registry = Registry(1, rig.metrics)
-    registry.pending_handshakes = 1  # one handshake already in flight
+    registry.authenticated_handshakes = 1  # one authenticated handshake already in flight
     asgi = Asgi()
     await run_handle(rig, asgi, asgi.scope(f"model={MODEL}", {"Authorization": "Bearer t"}),
                      registry)

@@ -27,7 +27,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gateway.auth.client_secrets import SecretClaims, SigningKeys, is_client_secret
@@ -59,19 +59,49 @@ the claim check but is refused here."""
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
+class Recheck:
+    """Validates a session's token again (an introspection answer without ``exp``).
+
+    Awaiting it raises :class:`gateway.errors.InvalidToken` when the token is no longer
+    valid (inactive, expired, another subject) and :class:`gateway.errors.Unavailable`
+    when the endpoint cannot tell; it returns when the token is still valid.  The answer
+    cache of :class:`~gateway.auth.introspection.Introspector` applies (at most one call
+    per ``cache_seconds``).  Holds the token: its ``repr`` never shows it.
+    """
+
+    __slots__ = ("_introspector", "_subject", "_token")
+
+    def __init__(self, introspector: Introspector, token: str, subject: str) -> None:
+        self._introspector = introspector
+        self._token = token
+        self._subject = subject
+
+    async def __call__(self) -> None:
+        answer = await self._introspector.introspect(self._token)
+        subject, _ = self._introspector.principal_claims(answer)
+        if subject != self._subject:
+            raise InvalidToken(MSG_INVALID)
+
+    def __repr__(self) -> str:
+        return "Recheck(<token redacted>)"
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who a validated bearer token speaks for.
 
     ``expires_at`` is the token's ``exp`` in epoch seconds (for a client secret: the ``exp``
     of the access token that minted it); ``None`` only when an introspection answer carried
-    no ``exp``.  ``secret`` holds a client secret's claims when the token was one.
+    no ``exp``, and then ``recheck`` validates the token again (the session re-checks it
+    periodically, :mod:`gateway.housekeeping`).  ``secret`` holds a client secret's claims
+    when the token was one.
     """
 
     tenant: TenantConfig
     subject: str
     expires_at: float | None
     secret: SecretClaims | None = None
+    recheck: Recheck | None = field(default=None, repr=False, compare=False)
 
     @property
     def credential(self) -> str:
@@ -268,11 +298,12 @@ class Authenticator:
                 continue
             if introspector.matches_issuer(answer):
                 subject, expires_at = introspector.principal_claims(answer)
+                recheck = Recheck(introspector, token, subject) if expires_at is None else None
                 return Principal(tenant=introspector.tenant, subject=subject,
-                                 expires_at=expires_at)
+                                 expires_at=expires_at, recheck=recheck)
         if failure is not None:
             raise failure
         raise InvalidToken(MSG_INVALID)
 
 
-__all__ = ["MIN_REMAINING_SECONDS", "Authenticator", "Principal"]
+__all__ = ["MIN_REMAINING_SECONDS", "Authenticator", "Principal", "Recheck"]

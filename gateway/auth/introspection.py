@@ -8,8 +8,12 @@ httpx integration (:meth:`authlib.integrations.httpx_client.AsyncOAuth2Client.in
 * Positive answers are cached by SHA-256 of the token until ``min(exp, now + cache_seconds)``,
   negative ones for :data:`NEGATIVE_CACHE_SECONDS`; the cache is bounded and concurrent
   lookups of one token share one request.  The token itself is never stored or logged.
-* Timeouts, transport errors, non-200 statuses and unparsable bodies raise
-  :class:`gateway.errors.Unavailable` (503): authentication fails closed.
+* At most ``max_concurrent`` requests are in flight per tenant; a lookup waits for a free
+  one, and the wait counts in ``timeout_seconds``: a flood of distinct junk tokens makes
+  a bounded number of outbound calls, each lookup ends within ``timeout_seconds``.
+* Timeouts (of the request or of the wait for a free one), transport errors, non-200
+  statuses and unparsable bodies raise :class:`gateway.errors.Unavailable` (503):
+  authentication fails closed.  Failures are not cached.
 
 The claims of an active answer (``exp``, ``aud``, ``iss``, ``sub``, scope) are checked
 by :meth:`Introspector.principal_claims` on every use, since ``exp`` moves with time.
@@ -81,6 +85,7 @@ class Introspector:
         self._max_entries = max_cache_entries
         self._cache: OrderedDict[str, tuple[float, IntrospectionAnswer]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[IntrospectionAnswer]] = {}
+        self._slots = asyncio.Semaphore(settings.max_concurrent)
         self._client: AsyncOAuth2Client | None = None
         self._log = structlog.get_logger()
 
@@ -167,8 +172,10 @@ class Introspector:
 
     async def _request(self, token: str) -> IntrospectionAnswer:
         reason: str
+        waiting = True
         try:
-            async with asyncio.timeout(self._settings.timeout_seconds):
+            async with asyncio.timeout(self._settings.timeout_seconds), self._slots:
+                waiting = False
                 response = await self._get_client().introspect_token(
                     self._settings.url,
                     token=token,
@@ -189,7 +196,7 @@ class Introspector:
                     return _INACTIVE
                 reason = "response is not a JSON object"
         except TimeoutError:
-            reason = "timed out"
+            reason = "no free request slot in time (max_concurrent)" if waiting else "timed out"
         except Exception as exc:  # httpx2 transport errors, authlib errors
             reason = f"request failed: {type(exc).__name__}"
         self._log.warning("introspection.failed", tenant=self.tenant.id, reason=reason)

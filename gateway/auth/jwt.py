@@ -9,6 +9,9 @@ The checks follow RFC 8725 (JWT Best Current Practices) and RFC 9068 §4:
 * the key comes only from the tenant's JWKS, looked up by ``kid``: the ``jku``, ``x5u``,
   ``jwk`` and ``x5c`` header parameters are never dereferenced or trusted;
   a token carrying ``crit`` (no extension is supported) or ``b64`` is refused;
+* ``typ``: when the tenant sets ``auth.require_typ`` (e.g. ``at+jwt``, RFC 9068 §2.1 and
+  §4), the header's ``typ`` must be that media type (RFC 7515 §4.1.9: case-insensitive,
+  ``application/`` implied when there is no ``/``); by default any ``typ`` or none passes;
 * claims: ``iss`` equal to the tenant issuer, ``aud`` (string or list) intersecting
   ``auth.audiences`` when configured, ``exp`` required, ``nbf``/``iat`` not in the future,
   all with ``auth.leeway_seconds``; ``sub`` required;
@@ -147,6 +150,15 @@ def parse_unverified(token: str) -> UnverifiedJwt:
     return UnverifiedJwt(header, claims)
 
 
+def media_type(typ: object) -> str | None:
+    """A JOSE ``typ``/``cty`` value as a full lower-case media type (RFC 7515 §4.1.9:
+    ``application/`` is implied when the value has no ``/``); ``None`` when not a string."""
+    if not isinstance(typ, str):
+        return None
+    typ = typ.lower()
+    return typ if "/" in typ else f"application/{typ}"
+
+
 def scope_values(claims: Mapping[str, Any], name: str) -> frozenset[str]:
     """The scope tokens of claim ``name``: a space-delimited string or a list of strings.
 
@@ -191,6 +203,7 @@ class JwtValidator:
         self._keys = keys
         self._clock = clock
         self._registry = AllowListRegistry(auth.algorithms)
+        self._typ = media_type(auth.require_typ) if auth.require_typ is not None else None
         # joserfc's NumericDate comparisons are whole seconds; flooring the leeway errs
         # on the strict side.
         self._leeway = math.floor(auth.leeway_seconds)
@@ -224,6 +237,8 @@ class JwtValidator:
                 or any(name in header for name in _NEVER_ACCEPTED_HEADERS)):
             raise InvalidToken(MSG_INVALID)
         if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+            raise InvalidToken(MSG_INVALID)
+        if self._typ is not None and media_type(header.get("typ")) != self._typ:
             raise InvalidToken(MSG_INVALID)
         key = await self._keys.key_for(kid, alg)
         if key is None:
@@ -259,6 +274,7 @@ __all__ = [
     "VerifiedToken",
     "has_scope",
     "looks_like_jwt",
+    "media_type",
     "numeric_date",
     "parse_unverified",
     "scope_values",

@@ -33,6 +33,7 @@ from tests.faults.conftest import (
     closed_session,
     metric,
     open_session,
+    refused,
     round_trip,
     rss_bytes,
     serve,
@@ -117,6 +118,21 @@ async def test_client_fin_or_rst_without_close_frame(
     ws.transport.abort()
     await wait_for(lambda: not gw.gateway.registry.sessions)
     assert metric(gw, "realtime_gateway_closes_total", initiator="client") == 1
+
+
+@pytest.mark.parametrize(("code", "label"), [(1000, "1000"), (3999, "other"), (4401, "4401"),
+                                             (4999, "other")])
+async def test_closes_total_labels_only_known_close_codes(
+        gw: RunningGateway, tokens: Tokens, sweep: LeakSweep, code: int, label: str) -> None:
+    """A client may close with any of ~4,000 codes: only the protocol's and the gateway's
+    get a ``closes_total`` series of their own, the rest are ``other``."""
+    ws = await open_session(sweep, gw.url(), tokens.mint())
+    await round_trip(ws)
+    await ws.close(code, "bye")
+    await wait_for(lambda: not gw.gateway.registry.sessions)
+    await wait_for(lambda: metric(gw, "realtime_gateway_closes_total", initiator="client") == 1)
+    assert metric(gw, "realtime_gateway_closes_total", initiator="client", code=label) == 1
+    assert metric(gw, "realtime_gateway_closes_total", code=str(code)) == (label != "other")
 
 
 # -- a client that stops reading --------------------------------------------------------------
@@ -316,11 +332,14 @@ async def test_handshake_trickled_one_byte_a_second_is_cut(
 
 async def test_oversize_upgrade_requests_are_answered_or_closed(
         gw: RunningGateway, emulator: Emulator, tokens: Tokens) -> None:
-    """Case 4: upgrade requests whose headers are too large (a 9 KiB ``Authorization``
-    line; 129 header fields) get a 4xx answer or are closed within the pre-accept
-    deadline (2 s here); they are never held open, and no upstream is dialled."""
+    """Case 4: upgrade requests whose headers are too large (a header line over the 64 KiB
+    request-head cap; the head over it in many lines; 129 header fields) get a 4xx answer
+    or are closed within the pre-accept deadline (2 s here); they are never held open,
+    and no upstream is dialled."""
     cases = {
-        "header line over 8 KiB": {"Authorization": "Bearer " + "x" * 9000},
+        "header line over 64 KiB": {"Authorization": "Bearer " + "x" * (70 * 1024)},
+        "head over 64 KiB": {"Authorization": f"Bearer {tokens.mint()}",
+                             **{f"X-Filler-{i}": "y" * 1000 for i in range(100)}},
         "129 header fields": {"Authorization": f"Bearer {tokens.mint()}",
                               **{f"X-Filler-{i}": "y" for i in range(129)}},
     }
@@ -328,6 +347,32 @@ async def test_oversize_upgrade_requests_are_answered_or_closed(
                                       for headers in cases.values()))
     held = [name for name, ended in zip(cases, outcomes, strict=True) if not ended]
     assert not held, f"held open without an answer: {held}"
+    assert emulator.connections == 0
+
+
+@pytest.mark.parametrize(("size", "code", "message"), [
+    (12 * 1024, "invalid_token", "the access token is invalid"),
+    (20 * 1024, "invalid_request", "the credential is malformed")])
+async def test_long_credentials_get_the_gateways_own_answer(
+        gw: RunningGateway, emulator: Emulator, sweep: LeakSweep, size: int, code: str,
+        message: str) -> None:
+    """A credential longer than the HTTP parsers' usual 8 KiB line limit is answered as
+    CONTRACT §5 says, not with a parser's plain-text 431: 401 JSON in ``Authorization``,
+    an ``error`` event and 4401 in a ``Bearer-`` subprotocol (a browser reads no status).
+    Over the 16 KiB token cap it is the gateway's malformed-credential answer."""
+    junk = sweep.secret("x" * size)
+    answer = await refused(sweep, gw.url(), {"Authorization": f"Bearer {junk}"})
+    assert answer.status == 401
+    assert answer.body["error"]["code"] == code
+    assert answer.body["error"]["message"] == message
+    async with asyncio.timeout(10), connect(
+            gw.url(), subprotocols=["realtime", f"Bearer-{junk}"]) as ws:  # type: ignore[list-item]
+        event = json.loads(await ws.recv())
+        await ws.wait_closed()
+    assert event["type"] == "error"
+    assert event["error"]["code"] == code
+    assert event["error"]["message"] == message
+    assert ws.close_code == 4401
     assert emulator.connections == 0
 
 

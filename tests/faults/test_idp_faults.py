@@ -18,6 +18,7 @@ Already proven at unit level (``tests/integration/test_jwks.py``): refresh-ahead
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from tests.support.gateway import MODEL, UPSTREAM_KEY, UPSTREAM_KEY_ENV, Running
 from tests.support.idp import (
     AUDIENCE,
     ISSUER,
+    SCOPE,
     ConnectionCounter,
     FakeClock,
     IdpServer,
@@ -261,15 +263,37 @@ async def test_random_kids_cannot_amplify_jwks_traffic(
 async def test_typ_header_is_not_a_gate(gw: RunningGateway, rsa_key: SigningKey,
                                         clock: FakeClock, sweep: LeakSweep,
                                         typ: str | None) -> None:
-    """Case 10, as configured: the gateway does not enforce RFC 9068's ``typ: at+jwt``
-    (issuers such as Keycloak and Entra send ``JWT``); audience, issuer and scope are
-    what bind a token to this resource server.  Every ``typ``, or none, is admitted."""
+    """Case 10 by default (``auth.require_typ`` unset): the gateway does not enforce RFC
+    9068's ``typ: at+jwt`` (issuers such as Keycloak and Entra send ``JWT``); audience,
+    issuer and scope are what bind a token to this resource server.  Every ``typ``, or
+    none, is admitted."""
     if typ is None:
         signed = token_without_typ(sweep, rsa_key, clock)
     else:
         signed = token(sweep, rsa_key, clock, header={"typ": typ})
     ws = await open_session(sweep, gw.url(), signed)
     await ws.close()
+
+
+async def test_require_typ_refuses_other_types(
+        emulator: Emulator, proxy: FaultProxy, rsa_key: SigningKey, clock: FakeClock,
+        sweep: LeakSweep) -> None:
+    """Case 10 with ``auth.require_typ: at+jwt``: ``typ: JWT`` or none is 401, ``at+jwt``
+    (or ``application/at+jwt``) is admitted."""
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["tenants"][0]["auth"]["require_typ"] = "at+jwt"
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    async with serve(sweep, config, build(config, clock)) as gw:
+        for bad in (token(sweep, rsa_key, clock, header={"typ": "JWT"}),
+                    token_without_typ(sweep, rsa_key, clock)):
+            answer = await refused(sweep, gw.url(), {"Authorization": f"Bearer {bad}"})
+            assert answer.status == 401
+            assert answer.body["error"]["code"] == "invalid_token"
+        for typ in ("at+jwt", "application/at+jwt"):
+            ws = await open_session(sweep, gw.url(), token(sweep, rsa_key, clock,
+                                                            header={"typ": typ}))
+            await ws.close()
+        assert emulator.connections == 2
 
 
 def token_without_typ(sweep: LeakSweep, key: SigningKey, clock: FakeClock) -> str:
@@ -279,3 +303,105 @@ def token_without_typ(sweep: LeakSweep, key: SigningKey, clock: FakeClock) -> st
     signing_input = f"{json_segment({'alg': key.alg, 'kid': key.kid})}.{json_segment(claims)}"
     signature = JWSRegistry.algorithms[key.alg].sign(signing_input.encode(), key.key)
     return sweep.secret(f"{signing_input}.{b64url(signature)}")
+
+
+async def test_junk_tokens_against_a_slow_introspection_endpoint_take_no_session_capacity(
+        emulator: Emulator, idp: IdpServer, proxy: FaultProxy, rsa_key: SigningKey,
+        clock: FakeClock, sweep: LeakSweep) -> None:
+    """``server.max_sessions: 4``; six junk opaque tokens hang on a slow introspection
+    endpoint: they count as unauthenticated handshakes only, so a valid user of another
+    tenant still opens a session; the endpoint sees at most ``max_concurrent`` calls."""
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["server"]["max_sessions"] = 4
+    data["tenants"].append({
+        "id": "initech",
+        "auth": {"issuer": "https://auth.initech.test/", "introspection": {
+            "url": idp.introspection_url, "client_id": idp.client_id,
+            "client_secret_env": "INITECH_SECRET", "timeout_seconds": 10, "max_concurrent": 2}},
+        "models": {MODEL: {"upstream": "emulator"}}})
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+                                 "INITECH_SECRET": idp.client_secret})
+    idp.modes["/introspect"] = "slow"
+    async with serve(sweep, config, build(config, clock)) as gw:
+        registry = gw.gateway.registry
+        junk = [asyncio.create_task(refused(
+            sweep, gw.url(), {"Authorization": f"Bearer junk-opaque-token-{i:03d}"}))
+            for i in range(6)]
+        await wait_for(lambda: registry.unauthenticated_handshakes == 6, within=5)
+        await wait_for(lambda: idp.in_flight["/introspect"] == 2, within=5)
+        ws = await open_session(sweep, gw.url(), token(sweep, rsa_key, clock))
+        assert registry.pending_handshakes == 6
+        await ws.close()
+        idp.release()  # the held calls, and the queued ones after them, answer 500
+        results = await asyncio.gather(*junk)
+        assert {r.status for r in results} == {503}
+        assert idp.peak_in_flight["/introspect"] == 2
+        assert registry.pending_handshakes == 0
+
+
+async def test_unauthenticated_handshakes_have_a_budget_of_their_own(
+        emulator: Emulator, idp: IdpServer, proxy: FaultProxy, rsa_key: SigningKey,
+        clock: FakeClock, sweep: LeakSweep) -> None:
+    """Over ``server.max_unauthenticated_handshakes`` an upgrade is refused 503 before its
+    token is checked; one that completes frees its place."""
+    idp.modes["/jwks"] = "500"
+    data = idp_config(emulator, f"http://127.0.0.1:{proxy.port}/jwks").model_dump(mode="json")
+    data["server"]["max_unauthenticated_handshakes"] = 3
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+    async with serve(sweep, config, build(config, clock)) as gw:
+        idp.modes["/jwks"] = "slow"  # cold cache: every handshake waits on the one fetch
+        clock.advance(5)
+        held = [asyncio.create_task(refused(
+            sweep, gw.url(), {"Authorization": f"Bearer {token(sweep, rsa_key, clock)}"}))
+            for _ in range(3)]
+        await wait_for(lambda: gw.gateway.registry.unauthenticated_handshakes == 3, within=5)
+        extra = await refused(sweep, gw.url(),
+                              {"Authorization": f"Bearer {token(sweep, rsa_key, clock)}"})
+        assert extra.status == 503
+        assert idp.counts["/jwks"] >= 1
+        idp.release()
+        assert {r.status for r in await asyncio.gather(*held)} == {503}
+        assert gw.gateway.registry.unauthenticated_handshakes == 0
+
+
+@pytest.mark.parametrize("turns", ["inactive", "scope_gone", "expired"])
+async def test_a_session_without_exp_is_rechecked_and_closed_when_inactive(
+        emulator: Emulator, idp: IdpServer, sweep: LeakSweep, turns: str) -> None:
+    """An introspection answer without ``exp`` gives a session with no deadline: its token
+    is introspected again every re-check period; an endpoint failure leaves the session
+    running, an answer that no longer admits the token (inactive, without the scope, or
+    with an ``exp`` now past) closes it ``token_expired`` / 4401."""
+    data = idp_config(emulator, idp.jwks_url).model_dump(mode="json")
+    data["tenants"] = [{
+        "id": "initech",
+        "auth": {"issuer": ISSUER, "introspection": {
+            "url": idp.introspection_url, "client_id": idp.client_id,
+            "client_secret_env": "INITECH_SECRET", "cache_seconds": 0.01}},
+        "models": {MODEL: {"upstream": "emulator"}}}]
+    config = parse_config(data, {UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+                                 "INITECH_SECRET": idp.client_secret})
+    opaque = sweep.secret(f"opaque-canary-{secrets.token_hex(12)}")
+    idp.answers[opaque] = {"active": True, "iss": ISSUER, "scope": SCOPE,
+                           "sub": sweep.subject(f"sub-canary-{secrets.token_hex(6)}")}
+    async with serve(sweep, config) as gw:  # real time: the answer cache expires
+        gw.gateway.housekeeper.interval = 0.1
+        gw.gateway.housekeeper.recheck_interval = 0.05
+        ws = await open_session(sweep, gw.url(), opaque)
+        first = idp.counts["/introspect"]
+        idp.modes["/introspect"] = "500"
+        await wait_for(lambda: idp.counts["/introspect"] >= first + 2, within=10)
+        assert len(gw.gateway.registry.sessions) == 1  # the endpoint failing ends nothing
+        del idp.modes["/introspect"]
+        answer = dict(idp.answers[opaque])
+        if turns == "inactive":
+            answer = {"active": False}
+        elif turns == "scope_gone":
+            answer["scope"] = "something-else"
+        else:
+            answer["exp"] = int(time.time()) - 60
+        idp.answers[opaque] = answer
+        async with asyncio.timeout(10):
+            event = json.loads(await ws.recv())
+            await ws.wait_closed()
+        assert event["type"] == "error" and event["error"]["code"] == "token_expired"
+        assert ws.close_code == 4401

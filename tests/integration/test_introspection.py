@@ -34,13 +34,14 @@ SECRET_ENV = {"INTROSPECTION_SECRET": "s3cret"}
 
 def introspection_tenant(idp: IdpServer, tenant_id: str = "acme", *, issuer: str = ISSUER,
                          timeout: float = 1.0, cache_seconds: float = 60,
-                         **auth: Any) -> dict[str, Any]:
+                         max_concurrent: int = 16, **auth: Any) -> dict[str, Any]:
     return tenant(tenant_id, issuer=issuer, introspection={
         "url": idp.introspection_url,
         "client_id": "gateway",
         "client_secret_env": "INTROSPECTION_SECRET",
         "cache_seconds": cache_seconds,
         "timeout_seconds": timeout,
+        "max_concurrent": max_concurrent,
     }, **auth)
 
 
@@ -246,6 +247,45 @@ async def test_concurrent_lookups_share_one_request(
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
     assert all(isinstance(result, Unavailable) for result in results)
     assert idp.counts["/introspect"] == 1
+
+
+async def test_distinct_junk_tokens_make_a_bounded_number_of_calls_in_flight(
+    idp: IdpServer, clock: FakeClock
+) -> None:
+    """Every distinct token is a lookup of its own; at most ``max_concurrent`` of them are
+    requests in flight, the others wait for a free one."""
+    idp.modes["/introspect"] = "slow"
+    auth = Authenticator(make_config(introspection_tenant(idp, timeout=10, max_concurrent=3),
+                                     environ=SECRET_ENV), clock=clock)
+    try:
+        tasks = [asyncio.create_task(auth.authenticate(f"junk-token-{i:04d}")) for i in range(12)]
+        await poll_until(lambda: idp.in_flight["/introspect"] == 3)
+        idp.release()  # every held request, then every later one, answers 500
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert all(isinstance(result, Unavailable) for result in results)
+        assert idp.counts["/introspect"] == 12
+        assert idp.peak_in_flight["/introspect"] == 3
+    finally:
+        await auth.aclose()
+
+
+async def test_the_wait_for_a_free_request_counts_in_the_timeout(
+    idp: IdpServer, clock: FakeClock
+) -> None:
+    """Lookups queued behind held requests each end within ``timeout_seconds`` of their
+    start (503): six of them behind one slot take about one timeout, not six."""
+    idp.modes["/introspect"] = "slow"
+    auth = Authenticator(make_config(introspection_tenant(idp, timeout=0.4, max_concurrent=1),
+                                     environ=SECRET_ENV), clock=clock)
+    try:
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(
+            *(auth.authenticate(f"junk-token-{i}") for i in range(6)),
+            return_exceptions=True), 10)
+        assert time.monotonic() - started < 1.6  # serial timeouts would take 2.4 s
+        assert all(isinstance(result, Unavailable) for result in results)
+    finally:
+        await auth.aclose()
 
 
 async def test_a_second_introspection_tenant_is_refused() -> None:

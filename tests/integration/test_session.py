@@ -228,7 +228,8 @@ async def test_every_refusal(gw: RunningGateway, emulator: Emulator, key_file: P
     elif case == "draining":
         gw.gateway.registry.start_drain()
     elif case == "replica_full":
-        gw.gateway.registry.pending_handshakes = gw.gateway.services.config.server.max_sessions
+        gw.gateway.registry.authenticated_handshakes = (
+            gw.gateway.services.config.server.max_sessions)
     connections_before = emulator.connections
     try:
         if carrier == "header":
@@ -253,7 +254,7 @@ async def test_every_refusal(gw: RunningGateway, emulator: Emulator, key_file: P
     finally:
         if held is not None:
             await held.close()
-        gw.gateway.registry.pending_handshakes = 0
+        gw.gateway.registry.authenticated_handshakes = 0
     if case not in ("upstream_refused", "upstream_timeout", "rate_limited"):
         assert emulator.connections == connections_before  # nothing reached the upstream
     assert await metric(gw, "realtime_gateway_session_rejections_total", code=code) >= 1
