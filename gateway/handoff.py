@@ -89,10 +89,16 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
     _head_bytes = 0
     _in_head = True
+    _tail = b""
+    """The last bytes of the head read so far (a terminator may straddle two reads)."""
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            self._head_bytes += len(data)
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")  # the head may end inside this read
+            head = len(data) if end < 0 else end + 4 - len(self._tail)
+            self._tail = seen[-3:]
+            self._head_bytes += head
             if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                 self._disarm()
                 self._in_head = False
@@ -109,13 +115,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
         if self._deadline is None:
             self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
         self._in_head = False
+        self._head_bytes = 0
+        self._tail = b""
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
