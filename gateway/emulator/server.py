@@ -32,7 +32,7 @@ from gateway.emulator.handshake import (
 )
 from gateway.emulator.records import SessionRecord
 from gateway.emulator.schema import JSON, new_id
-from gateway.emulator.session import Session
+from gateway.emulator.session import SocketSession
 from gateway.emulator.voice import Voice
 
 __all__ = ["MAX_MESSAGE_BYTES", "REALTIME_PATHS", "SESSIONS_PATH", "Emulator", "serve_forever"]
@@ -247,7 +247,7 @@ class Emulator:
             faults=fault_words(handshake.model),
         )
         self._records.append(record)
-        await Session(connection, handshake, record, self._voice).run()
+        await SocketSession(connection, handshake, record, self._voice).run()
 
 
 async def serve_forever(
