@@ -224,9 +224,9 @@ class Session:
 
     async def _send(self, event: JSON) -> None:
         kind = str(event["type"])
-        if self._audio_out is not None and kind in _CALL_AUDIO_EVENTS:
-            if await self._play(event):
-                return
+        if (self._audio_out is not None and kind in _CALL_AUDIO_EVENTS
+                and await self._play(event)):
+            return
         payload = {"type": kind, "event_id": new_id("event"), **event}
         counts = self.record.server_events
         counts[kind] = counts.get(kind, 0) + 1
@@ -505,6 +505,20 @@ class Session:
         self._responses.start(plan_response(params, self._session, self._conversation))
 
     # ------------------------------------------------------------------ transport-neutral API
+
+    @property
+    def state(self) -> JSON:
+        """The session object now (as in ``session.created`` / ``session.updated``)."""
+        return self._session
+
+    def preset(self, patch: JSON) -> None:
+        """Apply a checked session patch before :meth:`open` (a call's ``session`` part).
+
+        Raises:
+            RequestError: the patch is invalid.
+        """
+        check_session_patch(patch)
+        self._session = merge_session(self._session, patch)
 
     async def open(self) -> None:
         """Send ``session.created`` (the first server event of every session)."""
