@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.routing import BaseRoute, Route, WebSocketRoute, request_response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.dev_issuer import DevIssuer
+from gateway.call_store import build_call_store
+from gateway.calls import CALLS_PATHS, CORS_HEADERS, Calls
 from gateway.config import Config
 from gateway.handshake import REALTIME_PATHS
 from gateway.housekeeping import Housekeeper
@@ -117,6 +120,9 @@ def create_app(config: Config, gateway: Gateway | None = None,
     routes: list[Any] = [Route("/healthz", healthz), Route("/readyz", readyz)]
     endpoint = RealtimeEndpoint(gw)
     routes += [WebSocketRoute(path, endpoint) for path in REALTIME_PATHS]
+    calls = Calls(gw.services, gw.registry, gw.housekeeper,
+                  build_call_store(config.redis))
+    routes += call_routes(calls, config.server.allowed_origins)
     routes += list(extra_routes)
     authenticator = gw.services.authenticator
     for tenant in config.tenants:
@@ -133,13 +139,34 @@ def create_app(config: Config, gateway: Gateway | None = None,
         try:
             yield
         finally:
+            await calls.aclose()
             await gw.housekeeper.stop()
             await authenticator.aclose()
             await gw.services.limiter.aclose()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gw
+    app.state.calls = calls
     return app
+
+
+def call_routes(calls: Calls, allowed_origins: Sequence[str]) -> list[BaseRoute]:
+    """``POST …/calls`` and ``POST …/calls/{call_id}/hangup`` (CONTRACT §9) behind CORS:
+    ``server.allowed_origins`` (empty: any), the headers agents-js sends, ``Location``
+    exposed (the SDK reads the call id from it)."""
+
+    def cors(endpoint: Any) -> ASGIApp:
+        return CORSMiddleware(request_response(endpoint),
+                              allow_origins=list(allowed_origins) or ["*"],
+                              allow_methods=["POST"], allow_headers=list(CORS_HEADERS),
+                              expose_headers=["Location"], max_age=600)
+
+    routes: list[BaseRoute] = []
+    for path in CALLS_PATHS:
+        routes.append(Route(path, cors(calls.create), methods=["POST", "OPTIONS"]))
+        routes.append(Route(path + "/{call_id}/hangup", cors(calls.hangup),
+                            methods=["POST", "OPTIONS"]))
+    return routes
 
 
 def _jwks_endpoint(issuer: DevIssuer) -> Any:
