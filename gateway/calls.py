@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -107,6 +108,15 @@ HANGUP_CAUSES = {
     CLIENT_HANGUP: "client_hangup", UPSTREAM_ENDED: "upstream_ended",
 }
 """``call_hangups_total{cause}`` and the ``cause`` of ``call.hangup`` lines."""
+
+
+def _sideband_logger() -> logging.Logger:
+    """The sideband client's logger, held at INFO: websockets' DEBUG dumps the request
+    headers, and with them the gateway's key."""
+    logger = logging.getLogger(f"{__name__}.sideband")
+    if logger.level < logging.INFO:
+        logger.setLevel(logging.INFO)
+    return logger
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -311,7 +321,8 @@ class LiveCall:
                 socket = await connect(url, additional_headers=target.headers(),
                                        user_agent_header=DEFAULT_USER_AGENT,
                                        open_timeout=remaining, compression=None,
-                                       max_size=None, close_timeout=2)
+                                       max_size=None, close_timeout=2,
+                                       logger=_sideband_logger())
             except InvalidStatus:
                 return SIDEBAND_UNAVAILABLE  # e.g. 404 call_id_not_found: no retry helps
             except (OSError, TimeoutError, InvalidHandshake, EOFError):
