@@ -44,7 +44,8 @@ class Account:
     """One session's usage and counters.
 
     ``model`` is the client-facing model name, ``upstream`` the upstream's config name,
-    ``peer`` the client's ``host:port``; ``started`` is monotonic seconds.
+    ``peer`` the client's ``host:port``; ``transport`` is ``websocket`` or ``webrtc`` (the
+    session metrics' label); ``started`` is monotonic seconds.
     """
 
     principal: Principal
@@ -53,6 +54,7 @@ class Account:
     lease: Lease
     peer: str
     metrics: Metrics
+    transport: str = "websocket"
     started: float = field(default_factory=time.monotonic)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     """Tokens counted so far, by CONTRACT §6 kind."""
@@ -69,9 +71,9 @@ class Account:
         return self.principal.tenant
 
     @property
-    def labels(self) -> tuple[str, str, str]:
-        """``(tenant, model, upstream)``, the session metrics' labels."""
-        return self.principal.tenant.id, self.model, self.upstream
+    def labels(self) -> tuple[str, str, str, str]:
+        """``(tenant, model, upstream, transport)``, the session metrics' labels."""
+        return self.principal.tenant.id, self.model, self.upstream, self.transport
 
     def on_usage(self, counts: TokenCounts) -> None:
         """Queue one usage event's counts (called by the data plane; O(1), never blocks)."""
@@ -127,7 +129,7 @@ class Account:
         p = self.principal
         log.info("session.start", session_id=self.session_id, tenant=p.tenant.id,
                  subject=p.subject, model=self.model, upstream=self.upstream,
-                 client=self.peer, **fields)
+                 transport=self.transport, client=self.peer, **fields)
 
     def close(self, ending: Ending, counters: Counters) -> None:
         """The session ended: publish the last counters, ``sessions_active`` minus one,
@@ -139,14 +141,15 @@ class Account:
         labels = self.labels
         m.sessions_active.labels(*labels).dec()
         m.sessions_total.labels(*labels, ending.outcome).inc()
-        m.session_duration_seconds.labels(labels[0], self.model).observe(duration)
+        m.session_duration_seconds.labels(labels[0], self.model, self.transport).observe(
+            duration)
         if ending.close_code is not None and ending.initiator is not None:
             m.closes_total.labels(ending.initiator, str(ending.close_code)).inc()
         p = self.principal
         log.info(
             "session.end", session_id=self.session_id, tenant=p.tenant.id,
             subject=p.subject, model=self.model, upstream=self.upstream,
-            duration_s=round(duration, 3), outcome=ending.outcome,
+            transport=self.transport, duration_s=round(duration, 3), outcome=ending.outcome,
             close_code=ending.close_code, close_initiator=ending.initiator,
             client_to_upstream_messages=counters[0], client_to_upstream_bytes=counters[1],
             upstream_to_client_messages=counters[2], upstream_to_client_bytes=counters[3],

@@ -438,11 +438,11 @@ class Calls:
             await services.limiter.release(lease)
             raise
         account = Account(principal, model, route.upstream, lease, _peer(request),
-                          services.metrics)
+                          services.metrics, transport="webrtc")
         call = LiveCall(self, account, route, upstream, record)
         self.live[call_id] = call
         self.registry.register(call)
-        account.open(transport="webrtc", call_id=call_id, credential=principal.credential)
+        account.open(call_id=call_id, credential=principal.credential)
         call.task = asyncio.create_task(call.supervise())
         return Response(answer, status_code=201, media_type="application/sdp",
                         headers={"Location": f"/v1/realtime/calls/{call_id}"})
