@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import secrets
 import sys
@@ -133,10 +134,11 @@ def dev_state_dir() -> Path:
 
 def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
                environ: dict[str, str], key_file: Path,
-               tls: DevCertificates | None = None) -> Config:
+               tls: DevCertificates | None = None, calls_url: str | None = None) -> Config:
     """The in-memory configuration of ``realtime-gateway dev``: loopback only, one
     tenant ``dev`` with a development issuer, in-process limits, one upstream; TLS with
-    ``tls``'s certificate when given."""
+    ``tls``'s certificate when given; ``calls_url`` is the upstream's WebRTC calls URL
+    (the emulator's calls port) when it is not the default one."""
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "metrics_port": 0,
                               "drain_seconds": 0}
     if tls is not None:
@@ -145,7 +147,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
     data = {
         "server": server,
         "upstreams": {"upstream": {"provider": "openai", "url": upstream_url,
-                                   "api_key_env": upstream_key_env}},
+                                   "api_key_env": upstream_key_env, "calls_url": calls_url}},
         "tenants": [{
             "id": DEV_TENANT,
             "auth": {"issuer": f"{scheme}://127.0.0.1:{port}/_dev/{DEV_TENANT}",
@@ -169,18 +171,25 @@ async def _dev(port: int, tls: DevCertificates | None) -> None:
     environ = dict(os.environ)
     key_file = dev_state_dir() / "dev-issuer.jwk.json"
     emulator: Emulator | None = None
+    calls_url: str | None = None
     if environ.get("OPENAI_API_KEY"):
         upstream_url, key_env, upstream_name = (
             "wss://api.openai.com/v1/realtime", "OPENAI_API_KEY", "OpenAI")
     else:
         key_env = DEV_UPSTREAM_KEY_ENV
         environ[key_env] = secrets.token_urlsafe(24)
-        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True)
+        # WebRTC calls (POST /v1/realtime/calls) reach the emulator's real peer connections
+        # when the webrtc extra (aiortc) is installed; its ordinary ICE candidates serve a
+        # browser on this machine.
+        webrtc = importlib.util.find_spec("aiortc") is not None
+        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True,
+                            webrtc=webrtc)
         await emulator.__aenter__()
+        calls_url = emulator.calls_url if webrtc else None
         upstream_url = f"{emulator.url}/v1/realtime"
         upstream_name = f"the built-in emulator ({emulator.url})"
     config = dev_config(port, upstream_url, upstream_key_env=key_env, environ=environ,
-                        key_file=key_file, tls=tls)
+                        key_file=key_file, tls=tls, calls_url=calls_url)
     configure_logging("info", "console", secrets=_secrets_of(config))
     tenant = config.tenants[0]
     gateway = build_gateway(config)
