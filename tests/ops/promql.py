@@ -61,6 +61,7 @@ GATEWAY_METRICS: Final[Mapping[str, str]] = {
 PROPOSED_METRICS: Final[Mapping[str, str]] = {
     "tenant_max_sessions": "gauge",
     "tenant_tokens_per_minute": "gauge",
+    "call_hangups_total": "counter",
 }
 # Standard series: Prometheus' own `up`, prometheus-client's process collector, and the
 # kube-state-metrics families the alerts use.
