@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,14 @@ import pytest
 import structlog
 from openai import AsyncOpenAI
 
+from gateway.auth.client_secrets import SecretClaims, SigningKeys
+from gateway.auth.client_secrets import mint as mint_secret
 from gateway.calls import LiveCall
-from gateway.config import Config
+from gateway.config import DEFAULT_SCOPE, ClientSecretsConfig, Config
 from gateway.emulator.server import Emulator
 from tests.support.audio import silence_pcm16, tone_pcm16
 from tests.support.gateway import (
+    MODEL,
     UPSTREAM_KEY,
     RunningGateway,
     gateway_config,
@@ -28,6 +32,7 @@ from tests.support.gateway import (
     run_gateway,
     wait_for,
 )
+from tests.support.redis_server import RedisServer
 from tests.support.webrtc import Caller
 
 SPEECH = tone_pcm16(900) + silence_pcm16(1200)
@@ -277,3 +282,96 @@ async def test_sdp_refusals_leave_the_emulator_untouched(emulator: Emulator,
         assert no_token.status_code == 401
         assert other_model.status_code == 403
         assert emulator.calls() == [] and emulator.connections == 0
+
+
+async def test_session_updated_with_a_forbidden_model_hangs_up(emulator: Emulator,
+                                                               key_file: Path) -> None:
+    async with run_gateway(_config(emulator, key_file)) as gw:
+        caller = Caller(b"")
+        response = await _post_offer(gw, mint(key_file), caller)
+        assert response.status_code == 201
+        await caller.answer(response.text)
+        await caller.wait_for_event("session.created")
+        await wait_for(lambda: emulator.calls()[0].sidebands == 1, 10)
+        # The data channel goes straight to the upstream: the gateway sees the switch only
+        # on the sideband's session.updated, and hangs up.
+        caller.send({"type": "session.update",
+                     "session": {"type": "realtime", "model": "gpt-4o-realtime-preview"}})
+        await wait_for(lambda: not _live_calls(gw), 10)
+        assert emulator.calls()[0].hangups == 1
+        await caller.close()
+        assert _metric(await _metrics(gw), "realtime_gateway_call_hangups_total",
+                       cause="model_forbidden") == 1
+
+
+async def test_client_secret_call_uses_its_model_and_session_template(
+        emulator: Emulator, key_file: Path) -> None:
+    config = _config(emulator, key_file)
+    secret_config = config.model_copy(update={"client_secrets": ClientSecretsConfig()})
+    keys = (("k1", b"calls-test-signing-key-0123456789abcdef"),)
+    secret_config.client_secrets._signing_keys = keys  # type: ignore[union-attr]
+    now = int(time.time())
+    claims = SecretClaims(tenant="acme", subject="ek-user", scope=DEFAULT_SCOPE, model=MODEL,
+                          session={"type": "realtime", "model": MODEL,
+                                   "instructions": "Template instructions."},
+                          iat=now, exp=now + 60, token_exp=now + 600, jti="jti-calls-test")
+    secret = mint_secret(SigningKeys(keys), claims)
+    async with run_gateway(secret_config) as gw:
+        caller = Caller(b"")
+        response = await _post_offer(gw, secret, caller)  # agents-js: raw SDP, no model
+        assert response.status_code == 201, response.text
+        await caller.answer(response.text)
+        created = await caller.wait_for_event("session.created")
+        assert created["session"]["model"] == MODEL
+        assert created["session"]["instructions"] == "Template instructions."
+        async with httpx.AsyncClient(timeout=10) as http:
+            other = await http.post(f"{gw.http}/v1/realtime/calls", headers={
+                "Authorization": f"Bearer {secret}"}, files={
+                "sdp": (None, b"v=0\r\n", "application/sdp"),
+                "session": (None, b'{"type": "realtime", "model": "gpt-other"}',
+                            "application/json")})
+        assert other.status_code == 403
+        await caller.close()
+
+
+async def test_azure_upstream_gets_the_ga_calls_shape(key_file: Path) -> None:
+    async with Emulator(api_key=UPSTREAM_KEY, webrtc=True, loopback_ice=True) as emulator:
+        config = gateway_config(f"{emulator.url}/openai/v1/realtime", key_file,
+                                provider="azure",
+                                models={"my-deployment": {"upstream": "emulator"}})
+        calls = emulator.calls_url.replace("/v1/realtime/calls", "/openai/v1/realtime/calls")
+        upstream = config.upstreams["emulator"].model_copy(update={"calls_url": calls})
+        config = config.model_copy(update={"upstreams": {"emulator": upstream}})
+        async with run_gateway(config) as gw:
+            caller = Caller(b"")
+            response = await _post_offer(gw, mint(key_file), caller)
+            assert response.status_code == 201, response.text
+            await wait_for(lambda: emulator.calls() and emulator.calls()[0].sidebands == 1, 10)
+            record = emulator.calls()[0]
+            assert (record.path, record.auth, record.model) == (
+                "/openai/v1/realtime/calls", "api-key", "my-deployment")
+            await caller.close()
+
+
+async def test_hangup_reaching_another_replica_ends_the_call(
+        emulator: Emulator, key_file: Path) -> None:
+    with RedisServer() as redis:
+        config = _config(emulator, key_file, redis={"url": redis.url})
+        token = mint(key_file, sub="roamer")
+        async with run_gateway(config) as first, run_gateway(config) as second:
+            caller = Caller(b"")
+            response = await _post_offer(first, token, caller)
+            assert response.status_code == 201
+            await wait_for(lambda: emulator.calls()[0].sidebands == 1, 10)
+            location = response.headers["location"]
+            async with httpx.AsyncClient(timeout=10) as http:
+                stranger = await http.post(
+                    f"{second.http}{location}/hangup",
+                    headers={"Authorization": f"Bearer {mint(key_file, sub='other')}"})
+                hangup = await http.post(f"{second.http}{location}/hangup",
+                                         headers={"Authorization": f"Bearer {token}"})
+            assert (stranger.status_code, hangup.status_code) == (404, 200)
+            # The replica holding the call sees its sideband end and releases the lease.
+            await wait_for(lambda: not _live_calls(first), 10)
+            assert emulator.calls()[0].hangups == 1
+            await caller.close()
