@@ -160,7 +160,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
     return parse_config(data, environ)
 
 
-async def _dev(port: int, tls: DevCertificates | None) -> None:
+async def _dev(port: int, tls: DevCertificates | None, loopback_ice: bool = False) -> None:
     from gateway.app import build_gateway
     from gateway.demo import demo_routes
     from gateway.devbanner import dev_banner, missing_modules
@@ -183,7 +183,7 @@ async def _dev(port: int, tls: DevCertificates | None) -> None:
         # browser on this machine.
         webrtc = importlib.util.find_spec("aiortc") is not None
         emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True,
-                            webrtc=webrtc)
+                            webrtc=webrtc, loopback_ice=loopback_ice)
         await emulator.__aenter__()
         calls_url = emulator.calls_url if webrtc else None
         upstream_url = f"{emulator.url}/v1/realtime"
@@ -220,7 +220,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         except DevTLSError as exc:
             print(exc, file=sys.stderr)
             return 1
-    _run(_dev(args.port, tls))
+    _run(_dev(args.port, tls, args.loopback_ice))
     return 0
 
 
@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--tls", action="store_true",
                      help="serve https/wss with a certificate from a local CA (openai-node "
                           "dials wss:// only); the CA is printed for NODE_EXTRA_CA_CERTS")
+    dev.add_argument("--loopback-ice", action="store_true",
+                     help="the emulator's WebRTC calls offer only 127.0.0.1 ICE candidates "
+                          "(tests in a private network namespace; a normal browser gathers "
+                          "no loopback candidates)")
     dev.set_defaults(func=cmd_dev)
 
     emulator = commands.add_parser("emulator", help="run the Realtime protocol emulator")

@@ -10,7 +10,6 @@ inside it.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +18,9 @@ import pytest
 
 from tests.sdk.helpers import CHROMIUM_FLAGS, REPO, chromium_or_skip, run_client
 from tests.support.audio import missing_audio_tools
+from tests.support.netns import namespace_prefix_or_skip
 
 QUESTION = "Hello gateway. What is the weather like today?"
-
-
-def _namespace_or_skip() -> list[str]:
-    """The command prefix that runs a program in a fresh network namespace with ``lo`` up."""
-    unshare, ip = shutil.which("unshare"), shutil.which("ip")
-    if unshare is None or ip is None:
-        pytest.skip("needs unshare (util-linux) and ip (iproute2) for a private network "
-                    "namespace")
-    probe = subprocess.run([unshare, "-n", ip, "link", "set", "lo", "up"],
-                           capture_output=True, check=False, timeout=10)
-    if probe.returncode != 0:
-        pytest.skip("unshare -n is not permitted here (run as root, as CI does): "
-                    + probe.stderr.decode(errors="replace").strip())
-    return [unshare, "-n", "sh", "-c", f'{ip} link set lo up && exec "$0" "$@"']
 
 
 @pytest.fixture
@@ -56,7 +42,7 @@ async def test_agents_webrtc_call_through_gateway_in_chromium(tmp_path: Path,
                                                               question_wav: Path) -> None:
     pytest.importorskip("aiortc", reason="aiortc is not installed (the webrtc extra)")
     chromium = chromium_or_skip()
-    prefix = _namespace_or_skip()
+    prefix = namespace_prefix_or_skip()
     wav = question_wav
     flags = [*CHROMIUM_FLAGS, "--use-fake-ui-for-media-stream",
              "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
