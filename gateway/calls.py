@@ -91,6 +91,8 @@ MAX_BODY_BYTES = MAX_SDP_BYTES + MAX_SESSION_BYTES + 4096
 SIDEBAND_ATTACH_SECONDS = 10.0
 """Seconds after the answer within which the sideband must be open, or the call is hung up."""
 SIDEBAND_RETRY_SECONDS = 0.5
+SIDEBAND_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Bytes; a larger sideband message fails the sideband (1009) and the call is hung up."""
 HANGUP_TIMEOUT_SECONDS = 5.0
 CORS_HEADERS = ("Authorization", "Content-Type", "X-OpenAI-Agents-SDK", "Accept",
                 "OpenAI-Beta")
@@ -98,6 +100,7 @@ CORS_HEADERS = ("Authorization", "Content-Type", "X-OpenAI-Agents-SDK", "Accept"
 SIDEBAND_UNAVAILABLE = SessionEnd(1011, "upstream_error", "the call's sideband could not be opened")
 SIDEBAND_LOST = SessionEnd(1011, "upstream_error", "the call's sideband was lost")
 MODEL_FORBIDDEN = SessionEnd(4403, "forbidden", "the call switched to a model it may not use")
+MCP_FORBIDDEN = SessionEnd(4403, "forbidden", "the call declared MCP tools it may not use")
 CLIENT_HANGUP = SessionEnd(1000, "ok", "the caller hung up")
 UPSTREAM_ENDED = SessionEnd(1000, "ok", "the upstream ended the call")
 HANGUP_CAUSES = {
@@ -105,6 +108,7 @@ HANGUP_CAUSES = {
     SESSION_EXPIRED: "session_expired", SHUTTING_DOWN: "shutting_down",
     SLOW_CONSUMER: "slow_consumer", SIDEBAND_UNAVAILABLE: "sideband_unavailable",
     SIDEBAND_LOST: "sideband_lost", MODEL_FORBIDDEN: "model_forbidden",
+    MCP_FORBIDDEN: "mcp_forbidden",
     CLIENT_HANGUP: "client_hangup", UPSTREAM_ENDED: "upstream_ended",
 }
 """``call_hangups_total{cause}`` and the ``cause`` of ``call.hangup`` lines."""
@@ -321,7 +325,8 @@ class LiveCall:
                 socket = await connect(url, additional_headers=target.headers(),
                                        user_agent_header=DEFAULT_USER_AGENT,
                                        open_timeout=remaining, compression=None,
-                                       max_size=None, close_timeout=2,
+                                       max_size=SIDEBAND_MAX_MESSAGE_BYTES,
+                                       close_timeout=2,
                                        logger=_sideband_logger())
             except InvalidStatus:
                 return SIDEBAND_UNAVAILABLE  # e.g. 404 call_id_not_found: no retry helps
@@ -336,24 +341,37 @@ class LiveCall:
                 counts = tap(message)
                 if counts is not None:
                     self.account.on_usage(counts)
-                elif '"session.updated"' in message and not self._model_allowed(message):
-                    return MODEL_FORBIDDEN
+                elif '"session.updated"' in message:
+                    refusal = self._check_session(message)
+                    if refusal is not None:
+                        return refusal
             return UPSTREAM_ENDED if socket.close_code in (1000, 1001) else SIDEBAND_LOST
         except ConnectionClosed:
             return SIDEBAND_LOST
         finally:
             await socket.close()
 
-    def _model_allowed(self, message: str) -> bool:
+    def _check_session(self, message: str) -> SessionEnd | None:
+        """The hang-up cause a ``session.updated`` calls for: a model the route does not
+        pin (model pinning), or MCP tools the tenant does not allow; else ``None``.  The data
+        channel goes straight to the upstream, so the session it set up is checked here."""
         try:
             event = json.loads(message)
         except (ValueError, RecursionError):
-            return True
+            return None
         if not isinstance(event, dict) or event.get("type") != "session.updated":
-            return True
+            return None
         session = event.get("session")
-        model = session.get("model") if isinstance(session, dict) else None
-        return model is None or model in self._models
+        if not isinstance(session, dict):
+            return None
+        model = session.get("model")
+        if model is not None and model not in self._models:
+            return MODEL_FORBIDDEN
+        try:
+            check_tools(session, self.account.tenant.allow_mcp_tools)
+        except Forbidden:
+            return MCP_FORBIDDEN
+        return None
 
 
 # -- the service ----------------------------------------------------------------------------
@@ -399,10 +417,17 @@ class Calls:
                 if allowed and origin is not None and origin not in allowed:
                     raise Forbidden("this Origin is not allowed", reason="origin")
                 credentials = extract_credentials(tuple(request.scope["headers"]), ())
-                sdp, session = await parse_offer(request)
-                principal = await self.services.authenticator.authenticate(credentials.token)
-                tenant = principal.tenant.id
-                return await self._admit_and_forward(request, principal, sdp, session)
+                try:
+                    async with asyncio.timeout(
+                            self.services.config.server.handshake_timeout_seconds):
+                        principal = await self.services.authenticator.authenticate(
+                            credentials.token)
+                        tenant = principal.tenant.id
+                        sdp, session = await parse_offer(request)
+                        return await self._admit_and_forward(request, principal, sdp, session)
+                except TimeoutError:
+                    raise UpstreamTimeout("the call could not be set up in time",
+                                          reason="handshake_timeout") from None
         except GatewayError as exc:
             tenant = exc.tenant or tenant
             self.services.metrics.session_rejections_total.labels(tenant, exc.code).inc()
@@ -417,14 +442,16 @@ class Calls:
         tenant = principal.tenant
         model = choose_model(principal, session, request.query_params.get("model"))
         route = route_model(tenant, model)
-        check_tools(session, tenant.allow_mcp_tools)
+        upstream_model = route.upstream_model or model
+        template = dict(principal.secret.session) if principal.secret is not None else {}
+        body = {**template, **session, "type": "realtime", "model": upstream_model}
+        check_tools(body, tenant.allow_mcp_tools)
         upstream = services.config.upstreams[route.upstream]
         lease = Lease(tenant.id, principal.subject, secrets.token_hex(8))
         await services.limiter.admit(lease, tenant.limits)
         try:
             answer, upstream_call_id = await self._forward(
-                upstream, route.upstream, sdp, principal, session,
-                route.upstream_model or model, request.headers.get("user-agent"))
+                upstream, route.upstream, sdp, body, request.headers.get("user-agent"))
             call_id = f"rtc_{secrets.token_hex(16)}"
             expires = time.time() + tenant.limits.max_session_seconds
             record = CallRecord(call_id, tenant.id, principal.subject, route.upstream,
@@ -448,17 +475,15 @@ class Calls:
                         headers={"Location": f"/v1/realtime/calls/{call_id}"})
 
     async def _forward(self, upstream: UpstreamConfig, name: str, sdp: str,
-                       principal: Principal, session: dict[str, Any], upstream_model: str,
-                       user_agent: str | None) -> tuple[str, str]:
-        """POST the offer upstream; ``(answer sdp, upstream call id)``.
+                       session: dict[str, Any], user_agent: str | None) -> tuple[str, str]:
+        """POST the offer and ``session`` (JSON) upstream as multipart; ``(answer sdp,
+        upstream call id)``.
 
         Raises:
             UpstreamFailed: refused (its status), unreachable, or no usable answer (502).
             UpstreamTimeout: no answer within the upstream's ``connect_timeout_seconds``.
         """
-        template = dict(principal.secret.session) if principal.secret is not None else {}
-        body = {**template, **session, "type": "realtime", "model": upstream_model}
-        target = UpstreamTarget(name, upstream, upstream_model)
+        target = UpstreamTarget(name, upstream, str(session["model"]))
         headers = dict(target.headers())
         headers["User-Agent"] = user_agent or DEFAULT_USER_AGENT
         headers["Accept"] = "application/sdp"
@@ -467,7 +492,7 @@ class Calls:
             response = await self._client().post(
                 calls_url(upstream), headers=headers,
                 files={"sdp": (None, sdp.encode(), "application/sdp"),
-                       "session": (None, json.dumps(body).encode(), "application/json")},
+                       "session": (None, json.dumps(session).encode(), "application/json")},
                 timeout=upstream.connect_timeout_seconds)
         except httpx.TimeoutException:
             metrics.upstream_connect_errors_total.labels(name, "timeout").inc()

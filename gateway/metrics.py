@@ -104,7 +104,7 @@ class Metrics:
         self.call_hangups_total = Counter(
             f"{p}_call_hangups", "WebRTC calls ended by the gateway or their caller, by cause "
             "(token_expired, budget_exhausted, session_expired, shutting_down, "
-            "sideband_unavailable, sideband_lost, model_forbidden, client_hangup, "
+            "sideband_unavailable, sideband_lost, model_forbidden, mcp_forbidden, client_hangup, "
             "upstream_ended).", ["tenant", "cause"], registry=r)
         self.messages_client_to_upstream = self.messages_total.labels(CLIENT_TO_UPSTREAM)
         self.messages_upstream_to_client = self.messages_total.labels(UPSTREAM_TO_CLIENT)

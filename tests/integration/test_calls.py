@@ -98,8 +98,8 @@ async def test_openai_sdk_calls_create_meters_usage_and_hangs_up(
 
 
 async def _sdk_call(emulator: Emulator, key_file: Path, token: str, caller: Caller) -> None:
-    async with run_gateway(_config(emulator, key_file)) as gw:
-        client = AsyncOpenAI(api_key=token, base_url=f"{gw.http}/v1")
+    async with (run_gateway(_config(emulator, key_file)) as gw,
+                AsyncOpenAI(api_key=token, base_url=f"{gw.http}/v1") as client):
         offer = await caller.offer()
         answer = await client.realtime.calls.create(
             sdp=offer, session={"type": "realtime", "model": "gpt-realtime",
@@ -284,8 +284,13 @@ async def test_sdp_refusals_leave_the_emulator_untouched(emulator: Emulator,
         assert emulator.calls() == [] and emulator.connections == 0
 
 
-async def test_session_updated_with_a_forbidden_model_hangs_up(emulator: Emulator,
-                                                               key_file: Path) -> None:
+@pytest.mark.parametrize(("session", "cause"), [
+    pytest.param({"model": "gpt-4o-realtime-preview"}, "model_forbidden", id="model"),
+    pytest.param({"tools": [{"type": "mcp", "server_label": "x",
+                             "server_url": "https://mcp.example"}]}, "mcp_forbidden", id="mcp"),
+])
+async def test_session_updated_with_forbidden_settings_hangs_up(
+        emulator: Emulator, key_file: Path, session: dict[str, Any], cause: str) -> None:
     async with run_gateway(_config(emulator, key_file)) as gw:
         caller = Caller(b"")
         response = await _post_offer(gw, mint(key_file), caller)
@@ -293,15 +298,14 @@ async def test_session_updated_with_a_forbidden_model_hangs_up(emulator: Emulato
         await caller.answer(response.text)
         await caller.wait_for_event("session.created")
         await wait_for(lambda: emulator.calls()[0].sidebands == 1, 10)
-        # The data channel goes straight to the upstream: the gateway sees the switch only
+        # The data channel goes straight to the upstream: the gateway sees the change only
         # on the sideband's session.updated, and hangs up.
-        caller.send({"type": "session.update",
-                     "session": {"type": "realtime", "model": "gpt-4o-realtime-preview"}})
+        caller.send({"type": "session.update", "session": {"type": "realtime", **session}})
         await wait_for(lambda: not _live_calls(gw), 10)
         assert emulator.calls()[0].hangups == 1
         await caller.close()
         assert _metric(await _metrics(gw), "realtime_gateway_call_hangups_total",
-                       cause="model_forbidden") == 1
+                       cause=cause) == 1
 
 
 async def test_client_secret_call_uses_its_model_and_session_template(
