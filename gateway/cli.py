@@ -94,7 +94,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     api_key = os.environ.get("EMULATOR_API_KEY") or None
     configure_logging("info", "console", secrets=[api_key] if api_key else [])
-    _run(serve_forever(args.host, args.port, api_key, speech=args.speech))
+    _run(serve_forever(args.host, args.port, api_key, speech=args.speech,
+                       webrtc=args.webrtc, calls_port=args.calls_port))
     return 0
 
 
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8081)
     emulator.add_argument("--speech", action="store_true",
                           help="speak replies with espeak-ng (and sox) instead of a tone")
+    emulator.add_argument("--webrtc", action="store_true",
+                          help="also answer WebRTC calls (POST /v1/realtime/calls) on "
+                               "--calls-port; needs the webrtc extra (aiortc)")
+    emulator.add_argument("--calls-port", type=int, default=8082)
     emulator.set_defaults(func=cmd_emulator)
 
     token = commands.add_parser("token", help="mint a token from a tenant's dev issuer")

@@ -344,21 +344,25 @@ class Emulator:
 
 
 async def serve_forever(
-    host: str, port: int, api_key: str | None, *, speech: bool = False
+    host: str, port: int, api_key: str | None, *, speech: bool = False, webrtc: bool = False,
+    calls_port: int = 0,
 ) -> None:
     """Run an :class:`Emulator` until cancelled (the ``realtime-gateway emulator`` command).
 
-    Logs one line with the URL when ready.  *api_key* ``None`` accepts any key; *speech*
-    as for :class:`Emulator`.
+    Logs one line with the URL (and the calls URL with *webrtc*) when ready.  *api_key*
+    ``None`` accepts any key; *speech*, *webrtc* and *calls_port* as for :class:`Emulator`.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    async with Emulator(host=host, port=port, api_key=api_key, speech=speech) as emulator:
+    async with Emulator(host=host, port=port, api_key=api_key, speech=speech, webrtc=webrtc,
+                        calls_port=calls_port) as emulator:
         _log.info(
             "realtime emulator listening on %s (paths %s, records at %s)",
             emulator.url,
             ", ".join(REALTIME_PATHS),
             SESSIONS_PATH,
         )
+        if webrtc:
+            _log.info("realtime emulator answering WebRTC calls at %s", emulator.calls_url)
         await asyncio.get_running_loop().create_future()

@@ -14,6 +14,9 @@ HTTP endpoints (OpenAI GA shapes; a Starlette app on the emulator's *calls port*
 * ``POST /v1/realtime/calls/{call_id}/hangup``: 200 ``{}``; 404 ``call_id_not_found``.
 * ``GET /_emulator/calls``: the records of every call (as ``/_emulator/sessions``).
 
+CORS allows any origin (``Authorization``, ``Content-Type``, ``X-OpenAI-Agents-SDK``,
+``api-key``; ``Location`` exposed), so a page can call the emulator directly.
+
 A call is one :class:`gateway.emulator.session.Session` whose transport is the data channel
 plus the sideband sockets attached with ``GET /v1/realtime?call_id=<id>`` on the emulator's
 WebSocket port (:class:`Call`).  Input audio (Opus, decoded by aiortc) is resampled to PCM16
@@ -45,6 +48,8 @@ import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -432,4 +437,9 @@ def calls_app(calls: Calls, records: Callable[[], JSON]) -> Starlette:
     routes += [Route(f"{path}/{{call_id}}/hangup", calls.hangup, methods=["POST"])
                for path in CALLS_PATHS]
     routes.append(Route(CALLS_RECORDS_PATH, list_records))
-    return Starlette(routes=routes)
+    # A page that talks to the emulator directly (tests, the emulator command) is
+    # cross-origin and sends Authorization: it needs CORS, and Location exposed.
+    cors = Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["POST", "GET"],
+                      allow_headers=["Authorization", "Content-Type", "X-OpenAI-Agents-SDK",
+                                     "api-key"], expose_headers=["Location"])
+    return Starlette(routes=routes, middleware=[cors])

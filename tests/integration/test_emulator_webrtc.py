@@ -4,7 +4,9 @@ hang-up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.emulator.server import Emulator
+from tests.integration.test_cli import command, free_port, read_until
 from tests.support.audio import silence_pcm16, tone_pcm16
 from tests.support.webrtc import Caller
 
@@ -113,3 +116,39 @@ async def test_call_fault_no_sideband_refuses_the_sideband(emulator: Emulator) -
         assert refused.value.response.status_code == 404
     finally:
         await caller.close()
+
+
+async def test_calls_port_answers_cors_preflight(emulator: Emulator) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        preflight = await http.options(emulator.calls_url, headers={
+            "Origin": "http://127.0.0.1:1", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", "http://127.0.0.1:1")
+
+
+async def test_emulator_command_answers_calls_with_webrtc() -> None:
+    port, calls_port = free_port(), free_port()
+    caller = Caller(b"")
+    # No candidates in the offer: neither peer sends a connectivity check (the emulator
+    # command's ICE is not restricted to loopback).
+    offer = "".join(line for line in (await caller.offer()).splitlines(keepends=True)
+                    if not line.startswith("a=candidate"))
+    await caller.close()
+    async with command("emulator", "--port", str(port), "--webrtc", "--calls-port",
+                       str(calls_port), env={"EMULATOR_API_KEY": KEY}) as process:
+        await read_until(process, r"answering WebRTC calls at http://127\.0\.0\.1:\d+/")
+        async with httpx.AsyncClient(timeout=10) as http:
+            url = f"http://127.0.0.1:{calls_port}/v1/realtime/calls"
+            answer = await http.post(url, content=offer.encode(), headers={
+                "Authorization": f"Bearer {KEY}", "Content-Type": "application/sdp"})
+            assert answer.status_code == 201, answer.text
+            call_id = answer.headers["location"].rsplit("/", 1)[1]
+            hangup = await http.post(f"{url}/{call_id}/hangup",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+            assert hangup.status_code == 200
+            records = (await http.get(f"http://127.0.0.1:{calls_port}/_emulator/calls")).json()
+        assert [r["id"] for r in records["calls"]] == [call_id]
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            await process.wait()
