@@ -268,9 +268,12 @@ class LiveCall:
 
     @property
     def call_id(self) -> str:
+        """The gateway's id of the call (``rtc_<32 hex>``)."""
         return self.record.call_id
 
     def end(self, cause: SessionEnd) -> None:
+        """Ask the supervisor to hang the call up with ``cause`` (idempotent: the first
+        cause wins; returns at once)."""
         if self._cause is None:
             self._cause = cause
             self._ending.set()
@@ -280,6 +283,7 @@ class LiveCall:
         return None
 
     def blocked_for(self, interval: float) -> float:
+        """Always 0 s: the gateway sends nothing on a call that could block."""
         return 0.0
 
     async def supervise(self) -> None:
@@ -507,8 +511,8 @@ class Calls:
             raise UpstreamFailed(f"the upstream refused the call (HTTP {response.status_code})",
                                  reason=reason)
         upstream_call_id = response.headers.get("location", "").rstrip("/").rsplit("/", 1)[-1]
-        if UPSTREAM_CALL_ID.fullmatch(upstream_call_id) is None or not response.text.startswith(
-                "v=0"):
+        if (UPSTREAM_CALL_ID.fullmatch(upstream_call_id) is None
+                or len(response.content) > MAX_SDP_BYTES or not response.text.startswith("v=0")):
             metrics.upstream_connect_errors_total.labels(name, "protocol").inc()
             if UPSTREAM_CALL_ID.fullmatch(upstream_call_id):
                 await self._hang_up_upstream(upstream, upstream_call_id)

@@ -379,3 +379,26 @@ async def test_hangup_reaching_another_replica_ends_the_call(
             await wait_for(lambda: not _live_calls(first), 10)
             assert emulator.calls()[0].hangups == 1
             await caller.close()
+
+
+async def test_upstream_refusal_is_a_502_and_frees_the_slot(emulator: Emulator,
+                                                            key_file: Path) -> None:
+    models = {"gpt-realtime": {"upstream": "emulator",
+                               "upstream_model": "gpt-realtime,fault-refuse-429"},
+              "gpt-realtime-ok": {"upstream": "emulator"}}
+    config = _config(emulator, key_file, models=models, limits={"max_sessions_per_user": 1})
+    async with run_gateway(config) as gw:
+        token = mint(key_file)
+        caller = Caller(b"")
+        refused = await _post_offer(gw, token, caller)  # no model: the tenant's first
+        assert refused.status_code == 502
+        assert refused.json()["error"]["code"] == "upstream_error"
+        async with httpx.AsyncClient(timeout=20) as http:
+            admitted = await http.post(f"{gw.http}/v1/realtime/calls?model=gpt-realtime-ok",
+                                       content=(await caller.offer()).encode(), headers={
+                                           "Authorization": f"Bearer {token}",
+                                           "Content-Type": "application/sdp"})
+        assert admitted.status_code == 201  # the refused call's lease was released
+        assert _metric(await _metrics(gw), "realtime_gateway_upstream_connect_errors_total",
+                       reason="status_429") == 1
+        await caller.close()
