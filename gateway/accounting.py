@@ -63,7 +63,8 @@ class Account:
 
     ``model`` is the client-facing model name, ``upstream`` the upstream's config name,
     ``peer`` the client's ``host:port``; ``protocol`` the client's Realtime protocol
-    (``ga``, or ``beta`` for a translated session); ``started`` is monotonic seconds.
+    (``ga``, or ``beta`` for a translated session); ``transport`` is ``websocket`` or
+    ``webrtc`` (the session metrics' label); ``started`` is monotonic seconds.
     """
 
     principal: Principal
@@ -73,6 +74,7 @@ class Account:
     peer: str
     metrics: Metrics
     protocol: str = "ga"
+    transport: str = "websocket"
     started: float = field(default_factory=time.monotonic)
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     """Tokens counted so far, by CONTRACT §6 kind."""
@@ -85,9 +87,9 @@ class Account:
         return self.principal.tenant
 
     @property
-    def labels(self) -> tuple[str, str, str]:
-        """``(tenant, model, upstream)``, the session metrics' labels."""
-        return self.principal.tenant.id, self.model, self.upstream
+    def labels(self) -> tuple[str, str, str, str]:
+        """``(tenant, model, upstream, transport)``, the session metrics' labels."""
+        return self.principal.tenant.id, self.model, self.upstream, self.transport
 
     def on_usage(self, counts: TokenCounts) -> None:
         """Queue one usage event's counts (called by the data plane; O(1), never blocks)."""
@@ -146,7 +148,8 @@ class Account:
         p = self.principal
         log.info("session.start", session_id=self.lease.session_id, tenant=p.tenant.id,
                  subject=p.subject, model=self.model, upstream=self.upstream,
-                 client=self.peer, protocol=self.protocol, **fields)
+                 transport=self.transport, client=self.peer, protocol=self.protocol,
+                 **fields)
 
     def close(self, ending: Ending, counters: Counters) -> None:
         """The session ended: publish the last counters, ``sessions_active`` minus one,
@@ -159,7 +162,8 @@ class Account:
         m.sessions_active.labels(*labels).dec()
         m.protocol_sessions_active.labels(self.protocol).dec()
         m.sessions_total.labels(*labels, ending.outcome).inc()
-        m.session_duration_seconds.labels(labels[0], self.model).observe(duration)
+        m.session_duration_seconds.labels(labels[0], self.model, self.transport).observe(
+            duration)
         if ending.close_code is not None and ending.initiator is not None:
             m.closes_total.labels(ending.initiator, close_code_label(
                 ending.close_code, ending.initiator)).inc()
@@ -167,7 +171,7 @@ class Account:
         log.info(
             "session.end", session_id=self.lease.session_id, tenant=p.tenant.id,
             subject=p.subject, model=self.model, upstream=self.upstream,
-            duration_s=round(duration, 3), outcome=ending.outcome,
+            transport=self.transport, duration_s=round(duration, 3), outcome=ending.outcome,
             close_code=ending.close_code, close_initiator=ending.initiator,
             client_to_upstream_messages=counters[0], client_to_upstream_bytes=counters[1],
             upstream_to_client_messages=counters[2], upstream_to_client_bytes=counters[3],

@@ -23,6 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.dev_issuer import DevIssuer
+from gateway.call_store import build_call_store
+from gateway.calls import CORS_HEADERS, Calls
 from gateway.config import Config
 from gateway.handshake import REALTIME_PATHS
 from gateway.housekeeping import Housekeeper
@@ -120,7 +122,9 @@ def create_app(config: Config, gateway: Gateway | None = None,
     routes: list[Any] = [Route("/healthz", healthz), Route("/readyz", readyz)]
     endpoint = RealtimeEndpoint(gw)
     routes += [WebSocketRoute(path, endpoint) for path in REALTIME_PATHS]
-    routes += rest_routes(gw)
+    calls = Calls(gw.services, gw.registry, gw.housekeeper,
+                  build_call_store(config.redis))
+    routes += rest_routes(gw, calls)
     routes += list(extra_routes)
     authenticator = gw.services.authenticator
     for tenant in config.tenants:
@@ -137,35 +141,38 @@ def create_app(config: Config, gateway: Gateway | None = None,
         try:
             yield
         finally:
+            await calls.aclose()
             await gw.housekeeper.stop()
             await authenticator.aclose()
             await gw.services.limiter.aclose()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gw
+    app.state.calls = calls
     return app
 
 
 REST_PREFIXES = ("/v1/realtime", "/openai/v1/realtime")
-"""Where the REST endpoints next to the socket live (CONTRACT §3): ``<prefix>/client_secrets``…"""
-CORS_HEADERS = ("Authorization", "Content-Type", "X-OpenAI-Agents-SDK")
-"""Request headers browsers may send cross-origin to the REST endpoints (CONTRACT §9)."""
+"""Where the REST endpoints next to the socket live (CONTRACT §3): ``<prefix>/client_secrets``,
+``<prefix>/calls``, ``<prefix>/calls/{call_id}/hangup``."""
 
 
-def rest_routes(gw: Gateway) -> list[BaseRoute]:
-    """The HTTP endpoints under :data:`REST_PREFIXES`, behind CORS that follows
-    ``server.allowed_origins`` (empty: any origin) and exposes ``Location``.
+def rest_routes(gw: Gateway, calls: Calls) -> list[BaseRoute]:
+    """The HTTP endpoints under :data:`REST_PREFIXES` (CONTRACT §8, §9), behind CORS that
+    follows ``server.allowed_origins`` (empty: any origin), allows the headers the SDKs send
+    from a browser and exposes ``Location`` (agents-js reads the call id from it).
 
     ``POST …/client_secrets`` exists only when ``client_secrets:`` is configured (else 404).
     """
     config = gw.services.config
-    routes: list[BaseRoute] = []
+    routes: list[BaseRoute] = [
+        Route("/calls", calls.create, methods=["POST"]),
+        Route("/calls/{call_id}/hangup", calls.hangup, methods=["POST"]),
+    ]
     keys = gw.services.authenticator.client_secret_keys
     if config.client_secrets is not None and keys is not None:
         endpoint = ClientSecretsEndpoint(gw.services, keys, config.client_secrets.max_seconds)
         routes.append(Route("/client_secrets", endpoint.handle, methods=["POST"]))
-    if not routes:
-        return []
     origins = list(config.server.allowed_origins) or ["*"]
     api = CORSMiddleware(Router(routes), allow_origins=origins, allow_methods=["POST"],
                          allow_headers=list(CORS_HEADERS), expose_headers=["Location"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import secrets
 import sys
@@ -97,7 +98,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     api_key = os.environ.get("EMULATOR_API_KEY") or None
     configure_logging("info", "console", secrets=[api_key] if api_key else [])
-    _run(serve_forever(args.host, args.port, api_key, speech=args.speech))
+    _run(serve_forever(args.host, args.port, api_key, speech=args.speech,
+                       webrtc=args.webrtc, calls_port=args.calls_port))
     return 0
 
 
@@ -137,11 +139,12 @@ def dev_state_dir() -> Path:
 
 def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
                environ: dict[str, str], key_file: Path,
-               tls: DevCertificates | None = None) -> Config:
+               tls: DevCertificates | None = None, calls_url: str | None = None) -> Config:
     """The in-memory configuration of ``realtime-gateway dev``: loopback only, one
     tenant ``dev`` with a development issuer, in-process limits, one upstream, client
     secrets signed with the key in ``environ[DEV_SECRET_KEY_ENV]``; TLS with ``tls``'s
-    certificate when given."""
+    certificate when given; ``calls_url`` is the upstream's WebRTC calls URL (the
+    emulator's calls port) when it is not the default one."""
     server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "metrics_port": 0,
                               "drain_seconds": 0}
     if tls is not None:
@@ -150,7 +153,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
     data = {
         "server": server,
         "upstreams": {"upstream": {"provider": "openai", "url": upstream_url,
-                                   "api_key_env": upstream_key_env}},
+                                   "api_key_env": upstream_key_env, "calls_url": calls_url}},
         "tenants": [{
             "id": DEV_TENANT,
             "auth": {"issuer": f"{scheme}://127.0.0.1:{port}/_dev/{DEV_TENANT}",
@@ -164,7 +167,7 @@ def dev_config(port: int, upstream_url: str, *, upstream_key_env: str,
     return parse_config(data, environ)
 
 
-async def _dev(port: int, tls: DevCertificates | None) -> None:
+async def _dev(port: int, tls: DevCertificates | None, loopback_ice: bool = False) -> None:
     from gateway.app import build_gateway
     from gateway.demo import demo_routes
     from gateway.devbanner import dev_banner, missing_modules
@@ -176,18 +179,25 @@ async def _dev(port: int, tls: DevCertificates | None) -> None:
     environ[DEV_SECRET_KEY_ENV] = secrets.token_urlsafe(32)  # client secrets of this run
     key_file = dev_state_dir() / "dev-issuer.jwk.json"
     emulator: Emulator | None = None
+    calls_url: str | None = None
     if environ.get("OPENAI_API_KEY"):
         upstream_url, key_env, upstream_name = (
             "wss://api.openai.com/v1/realtime", "OPENAI_API_KEY", "OpenAI")
     else:
         key_env = DEV_UPSTREAM_KEY_ENV
         environ[key_env] = secrets.token_urlsafe(24)
-        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True)
+        # WebRTC calls (POST /v1/realtime/calls) reach the emulator's real peer connections
+        # when the webrtc extra (aiortc) is installed; its ordinary ICE candidates serve a
+        # browser on this machine.
+        webrtc = importlib.util.find_spec("aiortc") is not None
+        emulator = Emulator(host="127.0.0.1", port=0, api_key=environ[key_env], speech=True,
+                            webrtc=webrtc, loopback_ice=loopback_ice)
         await emulator.__aenter__()
+        calls_url = emulator.calls_url if webrtc else None
         upstream_url = f"{emulator.url}/v1/realtime"
         upstream_name = f"the built-in emulator ({emulator.url})"
     config = dev_config(port, upstream_url, upstream_key_env=key_env, environ=environ,
-                        key_file=key_file, tls=tls)
+                        key_file=key_file, tls=tls, calls_url=calls_url)
     configure_logging("info", "console", secrets=_secrets_of(config))
     tenant = config.tenants[0]
     gateway = build_gateway(config)
@@ -220,7 +230,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         except DevTLSError as exc:
             print(exc, file=sys.stderr)
             return 1
-    _run(_dev(args.port, tls))
+    _run(_dev(args.port, tls, args.loopback_ice))
     return 0
 
 
@@ -243,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--tls", action="store_true",
                      help="serve https/wss with a certificate from a local CA (openai-node "
                           "dials wss:// only); the CA is printed for NODE_EXTRA_CA_CERTS")
+    dev.add_argument("--loopback-ice", action="store_true",
+                     help="the emulator's WebRTC calls offer only 127.0.0.1 ICE candidates "
+                          "(tests in a private network namespace; a normal browser gathers "
+                          "no loopback candidates)")
     dev.set_defaults(func=cmd_dev)
 
     emulator = commands.add_parser("emulator", help="run the Realtime protocol emulator")
@@ -250,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8081)
     emulator.add_argument("--speech", action="store_true",
                           help="speak replies with espeak-ng (and sox) instead of a tone")
+    emulator.add_argument("--webrtc", action="store_true",
+                          help="also answer WebRTC calls (POST /v1/realtime/calls) on "
+                               "--calls-port; needs the webrtc extra (aiortc)")
+    emulator.add_argument("--calls-port", type=int, default=8082)
     emulator.set_defaults(func=cmd_emulator)
 
     token = commands.add_parser("token", help="mint a token from a tenant's dev issuer")

@@ -183,7 +183,21 @@ class UpstreamConfig(_Model):
     url: str
     api_key_env: str
     connect_timeout_seconds: PositiveFloat = 10.0
+    calls_url: str | None = None
+    """WebRTC calls endpoint (CONTRACT §9); default: ``url`` with ``ws``→``http`` + ``/calls``."""
     _api_key: str = PrivateAttr(default="")
+
+    @field_validator("calls_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return url
 
     @field_validator("url")
     @classmethod
@@ -318,6 +332,9 @@ class TenantConfig(_Model):
     auth: AuthConfig
     models: dict[str, ModelRoute] = Field(min_length=1)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    allow_mcp_tools: bool = False
+    """Whether this tenant's WebRTC calls may declare MCP tools (``tools[].server_url``), which
+    make the upstream call out on the tenant's behalf (CONTRACT §9)."""
 
 
 class LoggingConfig(_Model):

@@ -43,6 +43,9 @@ class Metrics:
     ``handshake_duration_seconds{phase="upstream_connect"}`` is observed on every dial,
     failed or not (its count is the error-ratio denominator); ``phase="total"`` once per 101.
 
+    The session metrics (``sessions_active``, ``sessions_total``, ``session_duration_seconds``)
+    carry ``transport``: ``websocket`` or ``webrtc`` (CONTRACT §9).
+
     Attribute names follow the metric names without the ``realtime_gateway_`` prefix.
     """
 
@@ -53,18 +56,18 @@ class Metrics:
         r = self.registry
         p = PREFIX
         self.sessions_active = Gauge(
-            f"{p}_sessions_active", "Live relayed sessions.", ["tenant", "model", "upstream"],
-            registry=r)
+            f"{p}_sessions_active", "Live sessions (WebSocket relays and WebRTC calls).",
+            ["tenant", "model", "upstream", "transport"], registry=r)
         self.sessions_total = Counter(
             f"{p}_sessions", "Established sessions that ended, by outcome "
             "(ok, token_expired, rate_limited, session_expired, shutting_down, upstream_error).",
-            ["tenant", "model", "upstream", "outcome"], registry=r)
+            ["tenant", "model", "upstream", "transport", "outcome"], registry=r)
         self.session_rejections_total = Counter(
             f"{p}_session_rejections", "Sessions refused before or at the upgrade, by error code.",
             ["tenant", "code"], registry=r)
         self.session_duration_seconds = Histogram(
             f"{p}_session_duration_seconds", "Duration of established sessions in seconds.",
-            ["tenant", "model"], buckets=DURATION_BUCKETS, registry=r)
+            ["tenant", "model", "transport"], buckets=DURATION_BUCKETS, registry=r)
         self.handshake_duration_seconds = Histogram(
             f"{p}_handshake_duration_seconds",
             "Time spent before the 101, by phase (auth, admission, upstream_connect, total).",
@@ -113,6 +116,11 @@ class Metrics:
         self.protocol_sessions_total = Counter(
             f"{p}_protocol_sessions", "Sessions established, by client protocol (ga, beta).",
             ["protocol"], registry=r)
+        self.call_hangups_total = Counter(
+            f"{p}_call_hangups", "WebRTC calls ended by the gateway or their caller, by cause "
+            "(token_expired, budget_exhausted, session_expired, shutting_down, "
+            "sideband_unavailable, sideband_lost, model_forbidden, mcp_forbidden, client_hangup, "
+            "upstream_ended).", ["tenant", "cause"], registry=r)
         self.messages_client_to_upstream = self.messages_total.labels(CLIENT_TO_UPSTREAM)
         self.messages_upstream_to_client = self.messages_total.labels(UPSTREAM_TO_CLIENT)
         self.bytes_client_to_upstream = self.message_bytes_total.labels(CLIENT_TO_UPSTREAM)

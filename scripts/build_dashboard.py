@@ -256,6 +256,32 @@ def panel_specs() -> tuple[RowSpec, ...]:
                 ),
                 "Live sessions of each tenant as a share of its limits.max_sessions.",
             ),
+            PanelSpec(
+                "Active sessions by transport",
+                "short",
+                (
+                    _q(
+                        f"sum by (transport) ({sel('sessions_active', TENANT_MODEL)})",
+                        "{{transport}}",
+                    ),
+                ),
+                "Live WebSocket sessions beside live WebRTC calls (POST /v1/realtime/calls; "
+                "their media flows browser to upstream, the gateway holds the sideband).",
+                stacked=True,
+            ),
+            PanelSpec(
+                "Call hang-ups by cause",
+                "ops",
+                (
+                    _q(
+                        f"sum by (cause) ({rate('call_hangups_total', TENANT)})",
+                        "{{cause}}",
+                    ),
+                ),
+                "WebRTC calls ending per second by cause: the caller's hang-up, the upstream, "
+                "or the gateway (token expiry, budget, max_session_seconds, drain, sideband "
+                "unavailable or lost, forbidden model).",
+            ),
         ),
     )
     upstream = RowSpec(

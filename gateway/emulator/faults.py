@@ -16,6 +16,8 @@ with commas (``model=fault-slow,fault-usage-10``).
 * ``fault-echo``: after ``session.created``, send every client frame back verbatim (text
   as text, binary as binary) and nothing else.
 * ``fault-usage-<n>``: every ``response.done`` reports ``n`` extra input text tokens.
+* ``fault-no-sideband`` (calls): refuse the call's sideband (``?call_id=``) with HTTP 404
+  ``call_id_not_found``, as OpenAI was seen to do.
 * ``fault-slow``: pace responses in real time (a 100 ms audio chunk every 100 ms, one
   text/argument delta every 50 ms), so cancels and barge-ins can be tested.
 
@@ -49,6 +51,7 @@ class Faults:
         echo: echo client frames verbatim.
         extra_input_text_tokens: added to every ``response.done``'s input text tokens.
         slow: pace responses in real time.
+        no_sideband: refuse a call's sideband socket with 404.
     """
 
     refuse: int | None = None
@@ -59,6 +62,7 @@ class Faults:
     echo: bool = False
     extra_input_text_tokens: int = 0
     slow: bool = False
+    no_sideband: bool = False
 
     @property
     def active(self) -> bool:
@@ -82,7 +86,7 @@ def parse_faults(model: str) -> Faults:
     values: dict[str, Any] = {}
     for word in fault_words(model):
         name = word[len("fault-") :]
-        if name in ("stall-handshake", "drop", "stall", "echo", "slow"):
+        if name in ("stall-handshake", "drop", "stall", "echo", "slow", "no-sideband"):
             values[name.replace("-", "_")] = True
             continue
         kind, _, number = name.rpartition("-")

@@ -90,7 +90,11 @@ class SessionRecord:
         closed: whether the connection is closed.
         close_code, close_reason: the close frame that ended it (1006 and ``""`` when
             the TCP connection ended without one); ``None`` while open.
-        close_initiator: ``"client"`` or ``"emulator"``; ``None`` while open.
+        close_initiator: ``"client"`` or ``"emulator"`` (a call: also ``"hangup"``);
+            ``None`` while open.
+        transport: ``"websocket"``, or ``"webrtc"`` for a call (its ``id`` is the call id).
+        sidebands: sideband sockets attached to the call (``?call_id=``).
+        hangups: ``POST …/hangup`` requests that ended the call.
     """
 
     id: str
@@ -122,6 +126,9 @@ class SessionRecord:
     close_code: int | None = None
     close_reason: str | None = None
     close_initiator: str | None = None
+    transport: str = "websocket"
+    sidebands: int = 0
+    hangups: int = 0
 
     def __post_init__(self) -> None:
         # Not a field: neither snapshotted nor serialised, only its digest is.

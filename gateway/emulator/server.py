@@ -6,6 +6,11 @@ Endpoints (one port, on the ``websockets`` asyncio server)
   (Azure GA shape, ``D`` = deployment): the WebSocket (handshake rules in
   :mod:`gateway.emulator.handshake`, the session in :mod:`gateway.emulator.session`).
   Other paths get HTTP 404.
+* ``GET /v1/realtime?call_id=<rtc_id>`` with ``webrtc=True``: a WebRTC call's sideband (404
+  ``call_id_not_found`` for an unknown or ended call), see :mod:`gateway.emulator.webrtc`;
+  without it, ``call_id`` opens an ordinary session.
+* With ``webrtc=True``, a second port (:attr:`Emulator.calls_url`) answers
+  ``POST /v1/realtime/calls`` with a real peer connection (needs ``aiortc``).
 * ``GET /_emulator/sessions``: JSON ``{"connections": N, "sessions": [record, ...]}``
   where ``connections`` counts every WebSocket handshake attempted on the two paths above
   (refused ones included) and each record is
@@ -15,11 +20,15 @@ Endpoints (one port, on the ``websockets`` asyncio server)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
+from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
+import uvicorn
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
@@ -32,7 +41,7 @@ from gateway.emulator.handshake import (
 )
 from gateway.emulator.records import SessionRecord
 from gateway.emulator.schema import JSON, new_id
-from gateway.emulator.session import Session
+from gateway.emulator.session import SocketSession
 from gateway.emulator.voice import Voice
 
 __all__ = ["MAX_MESSAGE_BYTES", "REALTIME_PATHS", "SESSIONS_PATH", "Emulator", "serve_forever"]
@@ -57,6 +66,14 @@ def _websockets_logger() -> logging.Logger:
     return logger
 
 
+class _CallsServer(uvicorn.Server):
+    """The calls port's server: signals stay with whoever runs the emulator."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Emulator:
     """The Realtime protocol emulator server (CONTRACT §7; see :mod:`gateway.emulator`).
 
@@ -79,6 +96,10 @@ class Emulator:
         speech: speak PCM16 replies with espeak-ng (resampled to 24 kHz by sox) when
             both are on ``PATH``, instead of the tone whose bytes and usage tests
             predict (see :mod:`gateway.emulator.voice`); ``realtime-gateway dev`` wants it.
+        webrtc: also answer WebRTC calls on ``calls_port`` (0: a free one), see
+            :mod:`gateway.emulator.webrtc`; needs the ``webrtc`` extra (aiortc).
+        loopback_ice: calls offer only 127.0.0.1 ICE candidates (tests in a private
+            network namespace; see :mod:`gateway.emulator.webrtc`).
 
     Raises:
         ValueError: *api_key* is an empty string.
@@ -94,6 +115,9 @@ class Emulator:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_records: int = 10_000,
         speech: bool = False,
+        webrtc: bool = False,
+        calls_port: int = 0,
+        loopback_ice: bool = False,
     ) -> None:
         if api_key == "":
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
@@ -107,6 +131,13 @@ class Emulator:
         self._connections = 0
         self._closing = asyncio.Event()
         self._voice = Voice(speech=speech)
+        self._webrtc = webrtc
+        self._calls_port = calls_port
+        self._loopback_ice = loopback_ice
+        self._calls: Any = None
+        """The :class:`gateway.emulator.webrtc.Calls` when ``webrtc`` (aiortc imported lazily)."""
+        self._calls_server: uvicorn.Server | None = None
+        self._calls_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,6 +163,28 @@ class Emulator:
             open_timeout=self._open_timeout,
             logger=_websockets_logger(),
         )
+        if self._webrtc:
+            await self._start_calls()
+
+    async def _start_calls(self) -> None:
+        try:
+            from gateway.emulator import webrtc
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RuntimeError("WebRTC calls need the webrtc extra: "
+                               "pip install 'realtime-gateway[webrtc]'") from exc
+        self._calls = webrtc.Calls(self._records.append, self._voice, self._api_key,
+                                   loopback_ice=self._loopback_ice)
+        app = webrtc.calls_app(self._calls, self.calls_json)
+        server = _CallsServer(uvicorn.Config(app, host=self._host, port=self._calls_port,
+                                             lifespan="off", log_config=None,
+                                             access_log=False))
+        self._calls_server = server
+        self._calls_task = asyncio.create_task(server.serve())
+        while not server.started:
+            if self._calls_task.done():
+                self._calls_task.result()
+                raise RuntimeError("the emulator's calls server did not start")
+            await asyncio.sleep(0.01)
 
     async def aclose(self) -> None:
         """Stop serving: refuse new connections, close open sessions with 1001, wait."""
@@ -139,6 +192,12 @@ class Emulator:
         if server is None:
             return
         self._closing.set()
+        if self._calls is not None:
+            await self._calls.aclose()
+        if self._calls_server is not None and self._calls_task is not None:
+            self._calls_server.should_exit = True
+            await self._calls_task
+            self._calls_server = self._calls_task = None
         server.close()
         await server.wait_closed()
         await self._voice.aclose()
@@ -175,6 +234,27 @@ class Emulator:
         return f"ws://{host}:{self.port}"
 
     @property
+    def calls_url(self) -> str:
+        """``http://<host>:<calls port>/v1/realtime/calls`` (``webrtc=True`` only).
+
+        Raises:
+            RuntimeError: not started, or started without ``webrtc``.
+        """
+        if self._calls_server is None:
+            raise RuntimeError("emulator not started with webrtc=True")
+        port = self._calls_server.servers[0].sockets[0].getsockname()[1]
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{port}/v1/realtime/calls"
+
+    def calls(self) -> list[SessionRecord]:
+        """Snapshots of every WebRTC call's record, oldest first."""
+        return [r for r in self.sessions() if r.transport == "webrtc"]
+
+    def calls_json(self) -> JSON:
+        """``{"calls": [dict, ...]}``, as served on ``/_emulator/calls``."""
+        return {"calls": [record.to_dict() for record in self.calls()]}
+
+    @property
     def connections(self) -> int:
         """WebSocket handshakes attempted on the Realtime paths, refused ones included."""
         return self._connections
@@ -207,6 +287,13 @@ class Emulator:
         handshake = parse_handshake(request, self._api_key)
         if isinstance(handshake, Response):
             return handshake
+        call_id = handshake.query.get("call_id")
+        if call_id is not None and self._calls is not None:
+            call = self._calls.get(call_id)
+            if call is None or call.sideband_refused:
+                return http_response(404, error_body(
+                    f"Call {call_id!r} not found.", "invalid_request_error",
+                    "call_id_not_found", "call_id"))
         faults = handshake.faults
         if faults.stall_handshake:
             await self._closing.wait()
@@ -233,6 +320,12 @@ class Emulator:
         handshake = parse_handshake(request, self._api_key)
         if isinstance(handshake, Response):  # pragma: no cover - refused in process_request
             return
+        call_id = handshake.query.get("call_id")
+        if call_id is not None and self._calls is not None:
+            call = self._calls.get(call_id)
+            if call is not None:
+                await call.attach(connection)
+            return
         record = SessionRecord(
             id=new_id("sess"),
             path=handshake.path,
@@ -247,25 +340,29 @@ class Emulator:
             faults=fault_words(handshake.model),
         )
         self._records.append(record)
-        await Session(connection, handshake, record, self._voice).run()
+        await SocketSession(connection, handshake, record, self._voice).run()
 
 
 async def serve_forever(
-    host: str, port: int, api_key: str | None, *, speech: bool = False
+    host: str, port: int, api_key: str | None, *, speech: bool = False, webrtc: bool = False,
+    calls_port: int = 0,
 ) -> None:
     """Run an :class:`Emulator` until cancelled (the ``realtime-gateway emulator`` command).
 
-    Logs one line with the URL when ready.  *api_key* ``None`` accepts any key; *speech*
-    as for :class:`Emulator`.
+    Logs one line with the URL (and the calls URL with *webrtc*) when ready.  *api_key*
+    ``None`` accepts any key; *speech*, *webrtc* and *calls_port* as for :class:`Emulator`.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    async with Emulator(host=host, port=port, api_key=api_key, speech=speech) as emulator:
+    async with Emulator(host=host, port=port, api_key=api_key, speech=speech, webrtc=webrtc,
+                        calls_port=calls_port) as emulator:
         _log.info(
             "realtime emulator listening on %s (paths %s, records at %s)",
             emulator.url,
             ", ".join(REALTIME_PATHS),
             SESSIONS_PATH,
         )
+        if webrtc:
+            _log.info("realtime emulator answering WebRTC calls at %s", emulator.calls_url)
         await asyncio.get_running_loop().create_future()

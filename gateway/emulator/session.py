@@ -34,12 +34,13 @@ Nothing is logged per frame.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -74,11 +75,13 @@ from gateway.emulator.tokens import transcription_usage
 from gateway.emulator.vad import Vad
 from gateway.emulator.voice import Voice
 
-__all__ = ["Session"]
+__all__ = ["AudioOut", "Session", "SocketSession", "Transport"]
 
 _log = logging.getLogger(__name__)
 
 _MIN_COMMIT_MS = 100
+_CALL_AUDIO_EVENTS = frozenset({"response.output_audio.delta", "response.output_audio.done"})
+"""Server events that a WebRTC call plays on its audio track instead of sending."""
 
 
 @dataclass
@@ -91,24 +94,44 @@ class _Incoming:
 _Handler: TypeAlias = Callable[[JSON, _Incoming], Awaitable[None]]
 
 
+class Transport(Protocol):
+    """Where a session's server events go: a WebSocket, or a WebRTC call's data channel
+    (and its sideband sockets, :mod:`gateway.emulator.webrtc`)."""
+
+    async def send(self, message: str) -> None:
+        """Send one server event (JSON text)."""
+        ...
+
+
+AudioOut: TypeAlias = Callable[[bytes], None]
+"""Plays decoded reply audio (PCM16 mono 24 kHz bytes) on a call's audio track."""
+
+
 class Session:
-    """One accepted connection: protocol state and one handler per client event type.
+    """One session's protocol state and one handler per client event type, on any
+    :class:`Transport`.
 
     Args:
-        connection: the accepted ``websockets`` connection.
-        handshake: its parsed handshake.
+        transport: where server events go.
+        handshake: the parsed handshake (model, faults).
         record: its live record (updated as frames come and go).
         voice: what spoken replies sound like (shared by the emulator's sessions).
+        audio_out: for WebRTC calls: reply audio is played through it instead of being
+            sent as ``response.output_audio.delta`` events (as OpenAI does on a call,
+            which announces it with ``output_audio_buffer.started``/``stopped``).
     """
 
     def __init__(
         self,
-        connection: ServerConnection,
+        transport: Transport,
         handshake: Handshake,
         record: SessionRecord,
         voice: Voice,
+        *,
+        audio_out: AudioOut | None = None,
     ) -> None:
-        self._conn = connection
+        self._transport = transport
+        self._audio_out = audio_out
         self._handshake = handshake
         self._faults = handshake.faults
         self.record = record
@@ -122,6 +145,8 @@ class Session:
         self._vad = Vad()
         self._speech_item_id: str | None = None
         self._aborted = False
+        self._playing: str | None = None
+        """The response whose audio a call is playing, if any."""
         self._handlers: dict[str, _Handler] = {
             "session.update": self._on_session_update,
             "input_audio_buffer.append": self._on_audio_append,
@@ -135,66 +160,6 @@ class Session:
             "response.cancel": self._on_response_cancel,
             "output_audio_buffer.clear": self._on_output_audio_clear,
         }
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def run(self) -> None:
-        """Serve the connection until it closes; record how it ended."""
-        try:
-            if is_beta(self._handshake.openai_beta):
-                await self._send_error("beta_api_shape_disabled", BETA_MESSAGE)
-                await self._conn.close(BETA_CLOSE_CODE, BETA_CLOSE_REASON)
-                return
-            await self._send({"type": "session.created", "session": self._session})
-            await self._serve()
-        except ConnectionClosed:
-            pass
-        except Exception:
-            _log.exception("emulator session %s failed", self.record.id)
-        finally:
-            await self._responses.aclose()
-            if self._conn.state is State.OPEN:
-                await self._conn.close(1011, "emulator error")
-            await self._conn.wait_closed()
-            self._record_close()
-
-    async def _serve(self) -> None:
-        first = True
-        async for message in self._conn:
-            incoming = self._ingest(message)
-            if first and (self._faults.close is not None or self._faults.drop):
-                if self._faults.drop:
-                    self._aborted = True
-                    self._conn.transport.abort()
-                    await self._conn.wait_closed()
-                else:
-                    code = self._faults.close
-                    assert code is not None
-                    await self._conn.close(code, f"emulator close {code}")
-                return
-            first = False
-            if self._faults.stall:
-                continue
-            if self._faults.echo:
-                await self._conn.send(message)
-                continue
-            await self._dispatch(incoming)
-
-    def _record_close(self) -> None:
-        record = self.record
-        protocol = self._conn.protocol
-        received, sent = protocol.close_rcvd, protocol.close_sent
-        if received is not None and (sent is None or protocol.close_rcvd_then_sent):
-            record.close_initiator = "client"
-            record.close_code, record.close_reason = received.code, received.reason
-        elif sent is not None:
-            record.close_initiator = "emulator"
-            record.close_code, record.close_reason = sent.code, sent.reason
-        else:
-            record.close_initiator = "emulator" if self._aborted else "client"
-            record.close_code, record.close_reason = 1006, ""
-        record.closed = True
-        record.ended_at = time.time()
 
     # ------------------------------------------------------------------ frames
 
@@ -259,10 +224,33 @@ class Session:
 
     async def _send(self, event: JSON) -> None:
         kind = str(event["type"])
+        if (self._audio_out is not None and kind in _CALL_AUDIO_EVENTS
+                and await self._play(event)):
+            return
         payload = {"type": kind, "event_id": new_id("event"), **event}
         counts = self.record.server_events
         counts[kind] = counts.get(kind, 0) + 1
-        await self._conn.send(json.dumps(payload, separators=(",", ":"), ensure_ascii=False))
+        await self._transport.send(
+            json.dumps(payload, separators=(",", ":"), ensure_ascii=False))
+
+    async def _play(self, event: JSON) -> bool:
+        """A call's reply audio goes to its track; the data channel hears of it as
+        ``output_audio_buffer.started`` (first chunk) and ``.stopped`` (audio done).
+        True when *event* was consumed (a delta), False when it is still to be sent."""
+        assert self._audio_out is not None
+        response_id = str(event.get("response_id", ""))
+        if event["type"] == "response.output_audio.delta":
+            if self._playing != response_id:
+                self._playing = response_id
+                await self._send({"type": "output_audio_buffer.started",
+                                  "response_id": response_id})
+            self._audio_out(base64.b64decode(str(event["delta"])))
+            return True
+        if self._playing == response_id:
+            self._playing = None
+            await self._send({"type": "output_audio_buffer.stopped",
+                              "response_id": response_id})
+        return False
 
     async def _send_error(
         self,
@@ -515,3 +503,112 @@ class Session:
             RequestError: invalid ``response.create`` parameters.
         """
         self._responses.start(plan_response(params, self._session, self._conversation))
+
+    # ------------------------------------------------------------------ transport-neutral API
+
+    @property
+    def state(self) -> JSON:
+        """The session object now (as in ``session.created`` / ``session.updated``)."""
+        return self._session
+
+    def preset(self, patch: JSON) -> None:
+        """Apply a checked session patch before :meth:`open` (a call's ``session`` part).
+
+        Raises:
+            RequestError: the patch is invalid.
+        """
+        check_session_patch(patch)
+        self._session = merge_session(self._session, patch)
+
+    async def open(self) -> None:
+        """Send ``session.created`` (the first server event of every session)."""
+        await self._send({"type": "session.created", "session": self._session})
+
+    async def receive(self, message: Data) -> None:
+        """Record and answer one client message (a text frame or data-channel message)."""
+        await self._dispatch(self._ingest(message))
+
+    async def append_audio(self, audio: bytes) -> None:
+        """Take decoded input audio (PCM16 mono 24 kHz) from a call's audio track: recorded
+        (hash, count) and buffered exactly as an ``input_audio_buffer.append`` of it."""
+        self.record.add_audio(audio)
+        await self._on_audio_append({}, _Incoming(None, audio=audio))
+
+    async def aclose(self) -> None:
+        """Cancel the responses in flight."""
+        await self._responses.aclose()
+
+
+class SocketSession(Session):
+    """One accepted WebSocket connection (``GET /v1/realtime``) served by a :class:`Session`."""
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        handshake: Handshake,
+        record: SessionRecord,
+        voice: Voice,
+    ) -> None:
+        super().__init__(connection, handshake, record, voice)
+        self._conn = connection
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; record how it ended."""
+        try:
+            if is_beta(self._handshake.openai_beta):
+                await self._send_error("beta_api_shape_disabled", BETA_MESSAGE)
+                await self._conn.close(BETA_CLOSE_CODE, BETA_CLOSE_REASON)
+                return
+            await self.open()
+            await self._serve()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            _log.exception("emulator session %s failed", self.record.id)
+        finally:
+            await self.aclose()
+            if self._conn.state is State.OPEN:
+                await self._conn.close(1011, "emulator error")
+            await self._conn.wait_closed()
+            self._record_close()
+
+    async def _serve(self) -> None:
+        first = True
+        async for message in self._conn:
+            incoming = self._ingest(message)
+            if first and (self._faults.close is not None or self._faults.drop):
+                if self._faults.drop:
+                    self._aborted = True
+                    self._conn.transport.abort()
+                    await self._conn.wait_closed()
+                else:
+                    code = self._faults.close
+                    assert code is not None
+                    await self._conn.close(code, f"emulator close {code}")
+                return
+            first = False
+            if self._faults.stall:
+                continue
+            if self._faults.echo:
+                await self._conn.send(message)
+                continue
+            await self._dispatch(incoming)
+
+    def _record_close(self) -> None:
+        record = self.record
+        protocol = self._conn.protocol
+        received, sent = protocol.close_rcvd, protocol.close_sent
+        if received is not None and (sent is None or protocol.close_rcvd_then_sent):
+            record.close_initiator = "client"
+            record.close_code, record.close_reason = received.code, received.reason
+        elif sent is not None:
+            record.close_initiator = "emulator"
+            record.close_code, record.close_reason = sent.code, sent.reason
+        else:
+            record.close_initiator = "emulator" if self._aborted else "client"
+            record.close_code, record.close_reason = 1006, ""
+        record.closed = True
+        record.ended_at = time.time()
+

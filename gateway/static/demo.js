@@ -9,6 +9,11 @@
 // Replies are played gaplessly by an AudioWorklet; transcripts of both sides are shown live.
 // Stop: close with 1000. Errors (error events, failed responses, close codes and reasons)
 // are shown on the page. The secret is kept in memory only and never printed.
+//
+// With the "WebRTC" switch on, the same conversation is a WebRTC call instead: the page
+// POSTs its SDP offer to /v1/realtime/calls (Authorization: Bearer <ek_>), the events go
+// over the "oai-events" data channel and the audio over the call's tracks (the browser's
+// own Opus codec, echo cancellation and playback); Stop hangs the call up.
 
 const WIRE_RATE = 24000;
 const $ = (id) => document.getElementById(id);
@@ -22,6 +27,7 @@ const ui = {
   transcript: $("transcript"),
   errors: $("errors"),
   log: $("log"),
+  webrtc: $("webrtc"),
 };
 
 let call = null; // the running conversation: {ws, context, stream, capture, player, ...}
@@ -146,7 +152,12 @@ function sessionConfig() {
 }
 
 function send(event) {
-  if (call && call.ws.readyState === WebSocket.OPEN) call.ws.send(JSON.stringify(event));
+  if (!call) return;
+  if (call.channel) {
+    if (call.channel.readyState === "open") call.channel.send(JSON.stringify(event));
+  } else if (call.ws.readyState === WebSocket.OPEN) {
+    call.ws.send(JSON.stringify(event));
+  }
 }
 
 function onEvent(event) {
@@ -162,7 +173,7 @@ function onEvent(event) {
       break;
     case "input_audio_buffer.speech_started":
       bubble(event.item_id, "user");
-      call.player.port.postMessage({ type: "clear" }); // barge-in: stop talking at once
+      if (call.player) call.player.port.postMessage({ type: "clear" }); // barge-in: stop at once
       break;
     case "input_audio_buffer.committed":
       bubble(event.item_id, "user");
@@ -188,10 +199,14 @@ function onEvent(event) {
       setText(event.item_id, "assistant", event.text || "", true);
       break;
     case "response.output_audio.delta": {
+      if (!call.player) break; // a call plays its audio track instead
       const pcm = fromBase64(event.delta);
       call.player.port.postMessage({ type: "audio", pcm }, [pcm]);
       break;
     }
+    case "output_audio_buffer.stopped":
+      log("reply played (WebRTC audio track)");
+      break;
     case "response.done": {
       const r = event.response || {};
       const usage = r.usage ? `, ${r.usage.total_tokens} tokens` : "";
@@ -212,10 +227,79 @@ function onEvent(event) {
   }
 }
 
+async function startCall(grant) {
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true,
+             autoGainControl: true },
+  });
+  const pc = new RTCPeerConnection();
+  const channel = pc.createDataChannel("oai-events");
+  const speaker = new Audio();
+  speaker.autoplay = true;
+  pc.ontrack = (e) => { speaker.srcObject = e.streams[0] || new MediaStream([e.track]); };
+  pc.addTrack(stream.getAudioTracks()[0], stream);
+  call = { pc, channel, stream, speaker, ready: false, player: null };
+  ui.stop.disabled = false;
+  channel.onopen = () => log("call connected (data channel oai-events open)");
+  channel.onmessage = ({ data }) => {
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      showError("a data channel message was not JSON");
+      return;
+    }
+    onEvent(event);
+  };
+  pc.onconnectionstatechange = () => {
+    if (!call || call.pc !== pc) return;
+    const state = pc.connectionState;
+    if (state === "failed" || state === "closed") {
+      const clean = call.stopping;
+      if (!clean) showError(`call ${state}`);
+      setStatus(clean ? "closed" : "error", `call ${state}`);
+      finish();
+    }
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  const response = await fetch(`/v1/realtime/calls?model=${encodeURIComponent(grant.model)}`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${grant.token}`, "Content-Type": "application/sdp" },
+    body: pc.localDescription.sdp,
+  });
+  if (response.status !== 201) {
+    let message = `HTTP ${response.status}`;
+    try {
+      const body = await response.json();
+      message += `: ${body.error.code}: ${body.error.message}`;
+    } catch {
+      // not a JSON error body; the status says enough
+    }
+    throw new Error(`the gateway refused the call (${message})`);
+  }
+  call.callId = (response.headers.get("Location") || "").split("/").pop();
+  call.token = grant.token;
+  log(`call ${call.callId} answered`);
+  await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+}
+
 async function start() {
   ui.start.disabled = true;
   ui.errors.textContent = "";
   setStatus("connecting", "connecting…");
+  if (ui.webrtc.checked) {
+    try {
+      const grant = await fetchToken();
+      ui.model.textContent = grant.model;
+      await startCall(grant);
+    } catch (err) {
+      showError(`could not start the call: ${err.message || err}`);
+      setStatus("error", "not started");
+      finish();
+      ui.start.disabled = false;
+    }
+    return;
+  }
   let grant, audio;
   try {
     grant = await fetchSecret();
@@ -269,7 +353,8 @@ async function start() {
 
 function stopAudio(audio) {
   audio.stream.getTracks().forEach((track) => track.stop());
-  audio.context.close();
+  if (audio.context) audio.context.close();
+  if (audio.pc) audio.pc.close();
 }
 
 function finish() {
@@ -281,10 +366,29 @@ function finish() {
   ui.stop.disabled = true;
 }
 
+async function hangUp(current) {
+  if (current.callId) {
+    try {
+      await fetch(`/v1/realtime/calls/${encodeURIComponent(current.callId)}/hangup`, {
+        method: "POST", headers: { Authorization: `Bearer ${current.token}` },
+      });
+    } catch (err) {
+      showError(`hang-up failed: ${err.message || err}`);
+    }
+  }
+  log("call ended");
+  setStatus("closed", "call ended");
+  finish();
+}
+
 function stop() {
   if (!call) return;
   call.stopping = true;
   ui.stop.disabled = true;
+  if (call.pc) {
+    hangUp(call);
+    return;
+  }
   call.ws.close(1000, "user stopped");
 }
 

@@ -64,6 +64,7 @@ PROPOSED_METRICS: Final[Mapping[str, str]] = {
     "tenant_tokens_per_minute": "gauge",
     "protocol_sessions_active": "gauge",
     "protocol_sessions_total": "counter",
+    "call_hangups_total": "counter",
 }
 # Standard series: Prometheus' own `up`, prometheus-client's process collector, and the
 # kube-state-metrics families the alerts use.

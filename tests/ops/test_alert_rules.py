@@ -177,9 +177,16 @@ def gateway_exposition(scrape: int) -> str:
         out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
     family(f"{p}sessions_active", "gauge", "Live sessions.", [
-        f'{p}sessions_active{{tenant="acme",model="gpt-realtime-2",upstream="openai"}} 12',
+        f'{p}sessions_active{{tenant="acme",model="gpt-realtime-2",upstream="openai",'
+        f'transport="websocket"}} 12',
+        f'{p}sessions_active{{tenant="acme",model="gpt-realtime-2",upstream="openai",'
+        f'transport="webrtc"}} 2',
         f'{p}sessions_active{{tenant="globex",model="gpt-realtime-azure",'
-        f'upstream="azure-eastus"}} 3',
+        f'upstream="azure-eastus",transport="websocket"}} 3',
+    ])
+    family(f"{p}call_hangups_total", "counter", "Ended WebRTC calls by cause.", [
+        f'{p}call_hangups_total{{tenant="acme",cause="client_hangup"}} {n}',
+        f'{p}call_hangups_total{{tenant="acme",cause="token_expired"}} 1',
     ])
     family(f"{p}protocol_sessions_active", "gauge", "Live sessions by client protocol.", [
         f'{p}protocol_sessions_active{{protocol="ga"}} 14',
