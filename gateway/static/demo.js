@@ -264,7 +264,7 @@ async function startCall(grant) {
   await pc.setLocalDescription(await pc.createOffer());
   const response = await fetch(`/v1/realtime/calls?model=${encodeURIComponent(grant.model)}`, {
     method: "POST",
-    headers: { Authorization: `Bearer ${grant.token}`, "Content-Type": "application/sdp" },
+    headers: { Authorization: `Bearer ${grant.value}`, "Content-Type": "application/sdp" },
     body: pc.localDescription.sdp,
   });
   if (response.status !== 201) {
@@ -278,7 +278,7 @@ async function startCall(grant) {
     throw new Error(`the gateway refused the call (${message})`);
   }
   call.callId = (response.headers.get("Location") || "").split("/").pop();
-  call.token = grant.token;
+  call.token = grant.value;
   log(`call ${call.callId} answered`);
   await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
 }
@@ -289,7 +289,7 @@ async function start() {
   setStatus("connecting", "connecting…");
   if (ui.webrtc.checked) {
     try {
-      const grant = await fetchToken();
+      const grant = await fetchSecret();
       ui.model.textContent = grant.model;
       await startCall(grant);
     } catch (err) {
