@@ -15,7 +15,8 @@ This package re-exports nothing; import from its modules:
 * :mod:`~gateway.emulator.server`: ``Emulator`` (the server: its endpoints, including
   ``GET /_emulator/sessions``) and ``serve_forever`` (the ``emulator`` command).
 * :mod:`~gateway.emulator.handshake`: credentials, ``model``, refusals, beta clients.
-* :mod:`~gateway.emulator.session`: one connection's event loop and event handlers.
+* :mod:`~gateway.emulator.session`: one session's event handlers, on any transport.
+* :mod:`~gateway.emulator.socket`: one WebSocket connection serving a session.
 * :mod:`~gateway.emulator.schema`: the session object and ``session.update`` validation.
 * :mod:`~gateway.emulator.conversation`: items, their prices, item operations.
 * :mod:`~gateway.emulator.vad`: the energy server VAD.

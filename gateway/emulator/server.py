@@ -41,7 +41,7 @@ from gateway.emulator.handshake import (
 )
 from gateway.emulator.records import SessionRecord
 from gateway.emulator.schema import JSON, new_id
-from gateway.emulator.session import SocketSession
+from gateway.emulator.socket import SocketSession
 from gateway.emulator.voice import Voice
 
 __all__ = ["MAX_MESSAGE_BYTES", "REALTIME_PATHS", "SESSIONS_PATH", "Emulator", "serve_forever"]

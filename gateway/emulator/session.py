@@ -37,23 +37,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 from websockets.typing import Data
 
 from gateway.emulator.conversation import Conversation, Item, build_item, decode_audio
 from gateway.emulator.handshake import (
-    BETA_CLOSE_CODE,
-    BETA_CLOSE_REASON,
-    BETA_MESSAGE,
     Handshake,
-    is_beta,
 )
 from gateway.emulator.plan import plan_response
 from gateway.emulator.records import SessionRecord
@@ -75,7 +67,7 @@ from gateway.emulator.tokens import transcription_usage
 from gateway.emulator.vad import Vad
 from gateway.emulator.voice import Voice
 
-__all__ = ["AudioOut", "Session", "SocketSession", "Transport"]
+__all__ = ["AudioOut", "Session", "Transport"]
 
 _log = logging.getLogger(__name__)
 
@@ -537,78 +529,3 @@ class Session:
     async def aclose(self) -> None:
         """Cancel the responses in flight."""
         await self._responses.aclose()
-
-
-class SocketSession(Session):
-    """One accepted WebSocket connection (``GET /v1/realtime``) served by a :class:`Session`."""
-
-    def __init__(
-        self,
-        connection: ServerConnection,
-        handshake: Handshake,
-        record: SessionRecord,
-        voice: Voice,
-    ) -> None:
-        super().__init__(connection, handshake, record, voice)
-        self._conn = connection
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def run(self) -> None:
-        """Serve the connection until it closes; record how it ended."""
-        try:
-            if is_beta(self._handshake.openai_beta):
-                await self._send_error("beta_api_shape_disabled", BETA_MESSAGE)
-                await self._conn.close(BETA_CLOSE_CODE, BETA_CLOSE_REASON)
-                return
-            await self.open()
-            await self._serve()
-        except ConnectionClosed:
-            pass
-        except Exception:
-            _log.exception("emulator session %s failed", self.record.id)
-        finally:
-            await self.aclose()
-            if self._conn.state is State.OPEN:
-                await self._conn.close(1011, "emulator error")
-            await self._conn.wait_closed()
-            self._record_close()
-
-    async def _serve(self) -> None:
-        first = True
-        async for message in self._conn:
-            incoming = self._ingest(message)
-            if first and (self._faults.close is not None or self._faults.drop):
-                if self._faults.drop:
-                    self._aborted = True
-                    self._conn.transport.abort()
-                    await self._conn.wait_closed()
-                else:
-                    code = self._faults.close
-                    assert code is not None
-                    await self._conn.close(code, f"emulator close {code}")
-                return
-            first = False
-            if self._faults.stall:
-                continue
-            if self._faults.echo:
-                await self._conn.send(message)
-                continue
-            await self._dispatch(incoming)
-
-    def _record_close(self) -> None:
-        record = self.record
-        protocol = self._conn.protocol
-        received, sent = protocol.close_rcvd, protocol.close_sent
-        if received is not None and (sent is None or protocol.close_rcvd_then_sent):
-            record.close_initiator = "client"
-            record.close_code, record.close_reason = received.code, received.reason
-        elif sent is not None:
-            record.close_initiator = "emulator"
-            record.close_code, record.close_reason = sent.code, sent.reason
-        else:
-            record.close_initiator = "emulator" if self._aborted else "client"
-            record.close_code, record.close_reason = 1006, ""
-        record.closed = True
-        record.ended_at = time.time()
-
