@@ -17,8 +17,9 @@ Rules (CONTRACT §5):
 * **client → upstream**: client frames are masked (§5.3); each is unmasked (the
   ``websockets`` C speed-up), checked, and masked again with a fresh key from a
   CSPRNG pool, so the client never chooses the bytes on the upstream wire.  Text
-  payloads are checked for UTF-8 (1007) and, if they may be a ``session.update``,
-  shown to the session's guard (model pinning);
+  payloads are checked for UTF-8 (1007); text and binary messages that may be a
+  ``session.update`` are shown to the session's guard (model pinning: a binary frame is
+  a JSON event to parsers that take bytes, so it gets the same rule, not a free pass);
 * RFC 6455 violations by the client (unmasked or reserved bits, reserved opcodes,
   bad control frames or continuation sequences) close it 1002; a message over
   ``server.max_message_bytes`` 1009 — a fragmented message costs its payloads *and*
@@ -57,9 +58,10 @@ from typing import Literal
 
 from websockets.exceptions import ProtocolError
 from websockets.frames import Close, CloseCode, Frame, Opcode
-from websockets.speedups import apply_mask
 
 from gateway.errors import UPSTREAM_LOST, SessionEnd
+from gateway.guard import GUARDED_BYTES
+from gateway.handoff import apply_mask
 from gateway.logs import get_logger
 from gateway.usage import RESPONSE_DONE_MARKER, TRANSCRIPTION_DONE_MARKER, TokenCounts, tap
 
@@ -90,9 +92,9 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 _FIN = 0x80
 _RSV = 0x70
 _MASKED = 0x80
-_GUARDED = (b"session.update", b"\\u")
-"""A client text message containing either is shown to the guard (``\\u`` because a
-JSON escape can spell ``session.update`` without those bytes)."""
+_GUARDED = GUARDED_BYTES
+"""A client message (text or binary) containing either is shown to the guard (``\\u``
+because a JSON escape can spell ``session.update`` without those bytes)."""
 _RESPONSE_DONE = RESPONSE_DONE_MARKER
 _TRANSCRIPTION_DONE = TRANSCRIPTION_DONE_MARKER
 _BAD_UTF8 = "invalid UTF-8 in text message"
@@ -527,13 +529,13 @@ class _ClientSide(_Side):
                         raise FrameError(CloseCode.PROTOCOL_ERROR,
                                          "new message inside a fragmented one")
                     if b0 & _FIN:
-                        if opcode == OP_TEXT:
-                            verdict = self._text_verdict(payload)
-                            if verdict:
-                                if verdict == INVALID:
-                                    raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
-                                pos = end
-                                continue
+                        verdict = (self._text_verdict(payload) if opcode == OP_TEXT
+                                   else self._guard_verdict(payload))
+                        if verdict:
+                            if verdict == INVALID:
+                                raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+                            pos = end
+                            continue
                         key = _KEYS.next()
                         out.append(data[pos:pos + size - 4])
                         out.append(key)
@@ -596,6 +598,12 @@ class _ClientSide(_Side):
                 payload.decode()
             except UnicodeDecodeError:
                 return INVALID
+        return self._guard_verdict(payload)
+
+    def _guard_verdict(self, payload: bytes) -> int:
+        """Model pinning for one complete client message, text or binary (a binary frame
+        holding a ``session.update`` is one to parsers that take bytes): :data:`FORWARD`
+        (0) or :data:`REFUSED`, the guard's ``error`` event sent to the client here."""
         guard = self.guard
         if guard is not None and (_GUARDED[0] in payload or _GUARDED[1] in payload):
             refusal = guard(payload)
@@ -610,12 +618,13 @@ class _ClientSide(_Side):
         self._fragments = None
         self.fragments = self.fragment_cost = 0
         self._utf8 = None
-        if self._fragment_opcode == OP_TEXT:
-            verdict = self._text_verdict(b"".join(payload for _, payload in fragments))
-            if verdict == INVALID:  # the decoder passed each fragment: cannot happen
-                raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
-            if verdict == REFUSED:
-                return
+        message = b"".join(payload for _, payload in fragments)
+        verdict = (self._text_verdict(message) if self._fragment_opcode == OP_TEXT
+                   else self._guard_verdict(message))
+        if verdict == INVALID:  # the decoder passed each fragment: cannot happen
+            raise FrameError(CloseCode.INVALID_DATA, _BAD_UTF8)
+        if verdict == REFUSED:
+            return
         total = 0
         for head, payload in fragments:
             key = _KEYS.next()

@@ -266,6 +266,23 @@ async def test_fragmented_session_update_is_guarded_as_a_whole() -> None:
     assert h.relay.client_messages == 0
 
 
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_binary_messages_get_the_same_pinning_rule_as_text(fragmented: bool) -> None:
+    """A binary frame is a JSON event to parsers that take bytes: one naming another model
+    is refused like a text one; other binary messages pass, still binary."""
+    forbidden = b'{"type":"session.update","session":{"model":"other"}}'
+    h = await harness(guard=lambda data: '{"type":"error"}' if b"other" in data else None)
+    frames = ([Frame(Opcode.BINARY, forbidden[:20], fin=False),
+               Frame(Opcode.CONT, forbidden[20:])] if fragmented
+              else [Frame(Opcode.BINARY, forbidden)])
+    h.from_client(client_frames(*frames, Frame(Opcode.BINARY, b"\x00\x01 audio")))
+    [relayed] = parsed(h.upstream.received(), sent_by_client=True)
+    assert (relayed.opcode, bytes(relayed.data)) == (Opcode.BINARY, b"\x00\x01 audio")
+    [error] = parsed(h.client.received(), sent_by_client=False)
+    assert (error.opcode, bytes(error.data)) == (Opcode.TEXT, b'{"type":"error"}')
+    assert h.relay.client_messages == 1
+
+
 def raw_client_frame(first_byte: int, payload: bytes) -> bytes:
     """A masked frame with any first byte, even one websockets refuses to encode."""
     assert len(payload) < 126
