@@ -10,12 +10,14 @@ import re
 import signal
 import socket
 import sys
+import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from gateway.emulator.server import Emulator
 from tests.support.gateway import gateway_config
@@ -73,6 +75,22 @@ async def test_dev_prints_a_working_token_url_and_snippet(tmp_path: Path) -> Non
         async with httpx.AsyncClient() as client:
             jwks = (await client.get(f"http://127.0.0.1:{port}/_dev/dev/jwks.json")).json()
         assert jwks["keys"][0]["kty"] == "EC" and "d" not in jwks["keys"][0]
+        # the printed mint snippet, run as printed, gives a client secret the socket takes
+        assert f"curl -s http://127.0.0.1:{port}/v1/realtime/client_secrets" in banner
+        mint_snippet = re.search(r"^Python \(python mint\.py\):\n((?:    .*\n)+)", banner,
+                                 re.MULTILINE)
+        assert mint_snippet, banner
+        code = textwrap.dedent(mint_snippet.group(1)).replace("<token>", token)
+        minted = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            out, _ = await minted.communicate()
+        secret = out.decode().strip()
+        assert minted.returncode == 0 and secret.startswith("ek_")
+        async with connect(f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
+                           subprotocols=[Subprotocol("realtime"),
+                                         Subprotocol(f"openai-insecure-api-key.{secret}")]) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await process.wait() == 0

@@ -203,24 +203,28 @@ async def test_a_browser_session_starts_with_the_secrets_template(
     assert all("ek_" not in offer for offer in record["subprotocols"])
 
 
-@pytest.mark.parametrize("carrier", ["authorization", "bearer", "insecure", "api-key"])
+@pytest.mark.parametrize("carrier", ["authorization", "bearer", "insecure", "api-key",
+                                     "query"])
 async def test_a_secret_is_accepted_in_every_carrier(
         gw: RunningGateway, emulator: Emulator, key_file: Path, carrier: str) -> None:
     secret = (await create(gw, mint_token(key_file))).value
     headers: dict[str, str] = {}
     offers: list[Subprotocol] = []
+    url = gw.url(**{"api-key": secret}) if carrier == "query" else gw.url()
     if carrier == "authorization":
         headers["Authorization"] = f"Bearer {secret}"
     elif carrier == "api-key":
         headers["api-key"] = secret
     elif carrier == "bearer":
         offers.append(Subprotocol(f"Bearer-{secret}"))
-    else:
+    elif carrier == "insecure":
         offers += [Subprotocol("realtime"), Subprotocol(f"openai-insecure-api-key.{secret}")]
-    async with connect(gw.url(), additional_headers=headers, subprotocols=offers or None) as ws:
+    async with connect(url, additional_headers=headers, subprotocols=offers or None) as ws:
         (created,) = await first_events(ws, 1)
         assert created["type"] == "session.created"
-    assert emulator_sessions(emulator)[-1]["auth"] == "bearer"  # the gateway's own key
+    record = emulator_sessions(emulator)[-1]
+    assert record["auth"] == "bearer"  # the gateway's own key
+    assert "api-key" not in record["query"]  # never forwarded
 
 
 async def test_a_secret_session_may_leave_the_model_out(
