@@ -57,6 +57,8 @@ from gateway.relay import (
     Guard,
     RelayResult,
     clip_reason,
+    run_until_settled,
+    take_over,
 )
 from gateway.usage import TokenCounts, tap
 
@@ -142,7 +144,7 @@ class _Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_timers()
-        self._cancel_close_timer()
+        self.cancel_close_timer()
         self._message = []
         for future in (self.closed, self.settled):
             if not future.done():
@@ -268,7 +270,7 @@ class _Peer(asyncio.Protocol):
             self._close_timer = asyncio.get_running_loop().call_later(
                 CLOSE_TIMEOUT, self._close_expired)
 
-    def _cancel_close_timer(self) -> None:
+    def cancel_close_timer(self) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -487,16 +489,8 @@ class BetaRelay:
         if self._started:
             raise RuntimeError("BetaRelay.start() called twice")
         self._started = True
-        for side in (self._client, self._upstream):
-            side.transport.set_protocol(side)
-            if not side.transport.is_closing():
-                side.transport.resume_reading()
         buffered, self._upstream_buffered = self._upstream_buffered, b""
-        if buffered:
-            self._upstream.data_received(buffered)
-        for side in (self._client, self._upstream):
-            if side.transport.is_closing() or (side is self._upstream and self._upstream_lost):
-                side.connection_lost(None)
+        take_over(self._client, self._upstream, buffered, self._upstream_lost)
 
     @property
     def sending_to_client(self) -> bool:
@@ -555,21 +549,5 @@ class BetaRelay:
         """Relay until the session ends and both connections are closed; return how it
         ended.  Never raises for peer behaviour; a cancelled :meth:`run` aborts both
         connections before re-raising."""
-        client, upstream = self._client, self._upstream
-        try:
-            client.schedule_ping()
-            upstream.schedule_ping()
-            result = await self._result
-            self.flush()
-            await asyncio.wait((client.settled, upstream.settled), timeout=CLOSE_TIMEOUT * 2)
-        except asyncio.CancelledError:
-            client.transport.abort()
-            upstream.transport.abort()
-            raise
-        finally:
-            for side in (client, upstream):
-                side.stop_timers()
-                if not side.settled.done():
-                    side._cancel_close_timer()
-                    side.transport.abort()
-        return result
+        return await run_until_settled(self._result, self._client, self._upstream,
+                                       decided=self.flush)

@@ -54,7 +54,7 @@ import codecs
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 from websockets.exceptions import ProtocolError
 from websockets.frames import Close, CloseCode, Frame, Opcode
@@ -767,6 +767,65 @@ class _UpstreamSide(_Side):
         self.transport.abort()
 
 
+class PeerSide(Protocol):
+    """What :func:`take_over` and :func:`run_until_settled` need of one side's protocol
+    (:class:`_Side` here, the translating relay's sides in :mod:`gateway.beta_relay`)."""
+
+    transport: asyncio.Transport
+    settled: asyncio.Future[None]
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def schedule_ping(self) -> None: ...
+
+    def stop_timers(self) -> None: ...
+
+    def cancel_close_timer(self) -> None: ...
+
+
+def take_over(client: PeerSide, upstream: PeerSide, buffered: bytes, lost: bool) -> None:
+    """Make ``client`` and ``upstream`` their transports' protocols and resume reading,
+    feed the upstream's ``buffered`` bytes (received after its 101, before the hand-off)
+    first, and report a connection already gone (``lost``: the upstream's).  Call it before
+    yielding to the event loop, so that nothing is read by the previous protocols."""
+    for side in (client, upstream):
+        side.transport.set_protocol(cast(asyncio.BaseProtocol, side))
+        if not side.transport.is_closing():
+            side.transport.resume_reading()
+    if buffered:
+        upstream.data_received(buffered)
+    for side in (client, upstream):
+        if side.transport.is_closing() or (side is upstream and lost):
+            side.connection_lost(None)
+
+
+async def run_until_settled(result: asyncio.Future[RelayResult], client: PeerSide,
+                            upstream: PeerSide,
+                            decided: Callable[[], None] = lambda: None) -> RelayResult:
+    """Ping both sides, wait for ``result`` (``decided`` runs then), then at most
+    twice :data:`CLOSE_TIMEOUT` seconds for both connections to be gone or lingering; abort
+    what is left.  A cancellation aborts both connections and is re-raised."""
+    try:
+        client.schedule_ping()
+        upstream.schedule_ping()
+        ending = await result
+        decided()
+        await asyncio.wait((client.settled, upstream.settled), timeout=CLOSE_TIMEOUT * 2)
+    except asyncio.CancelledError:
+        client.transport.abort()
+        upstream.transport.abort()
+        raise
+    finally:
+        for side in (client, upstream):
+            side.stop_timers()
+            if not side.settled.done():
+                side.cancel_close_timer()
+                side.transport.abort()
+    return ending
+
+
 class Relay:
     """Relays one session until either side closes or :meth:`end` is called.
 
@@ -842,16 +901,8 @@ class Relay:
         if self._started:
             raise RuntimeError("Relay.start() called twice")
         self._started = True
-        for side in (self._client, self._upstream):
-            side.transport.set_protocol(side)
-            if not side.transport.is_closing():
-                side.transport.resume_reading()
         buffered, self._upstream_buffered = self._upstream_buffered, b""
-        if buffered:
-            self._upstream.data_received(buffered)
-        for side in (self._client, self._upstream):
-            if side.transport.is_closing() or (side is self._upstream and self._upstream_lost):
-                side.connection_lost(None)
+        take_over(self._client, self._upstream, buffered, self._upstream_lost)
 
     @property
     def sending_to_client(self) -> bool:
@@ -902,19 +953,4 @@ class Relay:
             client.transport.abort()
             upstream.transport.abort()
             raise RuntimeError("Relay.run() before Relay.start()")
-        try:
-            client.schedule_ping()
-            upstream.schedule_ping()
-            result = await self._result
-            await asyncio.wait((client.settled, upstream.settled), timeout=CLOSE_TIMEOUT * 2)
-        except asyncio.CancelledError:
-            client.transport.abort()
-            upstream.transport.abort()
-            raise
-        finally:
-            for side in (client, upstream):
-                side.stop_timers()
-                if not side.settled.done():
-                    side.cancel_close_timer()
-                    side.transport.abort()
-        return result
+        return await run_until_settled(self._result, client, upstream)
