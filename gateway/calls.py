@@ -415,7 +415,7 @@ class Calls:
         """Answer one calls request (see the module docstring); refusals as CONTRACT §5."""
         tenant = UNKNOWN_TENANT
         try:
-            with self.registry.handshake():
+            with self.registry.handshake() as pending:
                 origin = request.headers.get("origin")
                 allowed = self.services.config.server.allowed_origins
                 if allowed and origin is not None and origin not in allowed:
@@ -427,6 +427,7 @@ class Calls:
                         principal = await self.services.authenticator.authenticate(
                             credentials.token)
                         tenant = principal.tenant.id
+                        pending.authenticated()  # from here it counts toward max_sessions
                         sdp, session = await parse_offer(request)
                         return await self._admit_and_forward(request, principal, sdp, session)
                 except TimeoutError:
