@@ -32,7 +32,7 @@ from gateway.emulator.server import Emulator, serve_forever
 from gateway.emulator.tokens import input_audio_tokens, output_audio_tokens, text_tokens
 from tests.support.audio import chunks, silence_pcm16, speech_pcm16, tone_pcm16
 
-KEY = "sk-emulator-test-key-0123456789"
+KEY = "emulator-test-key-0123456789"
 JSON = dict[str, Any]
 
 _SERVER_EVENT: TypeAdapter[Any] = TypeAdapter(

@@ -19,7 +19,7 @@ from tests.integration.test_cli import command, free_port, read_until
 from tests.support.audio import silence_pcm16, tone_pcm16
 from tests.support.webrtc import Caller
 
-KEY = "sk-emulator-test-key-0123456789"
+KEY = "emulator-test-key-0123456789"
 SPEECH = tone_pcm16(900) + silence_pcm16(1200)
 
 
