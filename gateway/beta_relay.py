@@ -22,7 +22,11 @@ Per message, in order:
   before translation; the ``output_*`` deltas are renamed without parsing
   (:func:`gateway.beta.upstream_frame_renamed`); anything else is parsed, translated
   (possibly to nothing) and serialised.  Non-JSON upstream text is dropped.
-* binary messages cross unchanged (neither protocol defines any).
+* binary messages cross untranslated (neither protocol defines any); a client's goes
+  through the model guard first, like text (a parser that takes bytes reads it as JSON).
+* a client text message with more JSON objects and arrays than
+  :data:`gateway.guard.MAX_CHECKED_CONTAINERS` is not parsed (its cost on the event loop
+  grows with them): it gets an ``invalid_request`` ``error`` event and is dropped.
 
 Closes follow CONTRACT §5 as in :mod:`gateway.relay`: an upstream close goes to the client
 with its code and reason; a client close (or a vanished client) closes the upstream 1001;
@@ -48,7 +52,8 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, Side, State
 
 from gateway.beta import BetaTranslator, client_frame_is_verbatim, upstream_frame_renamed
-from gateway.errors import UPSTREAM_LOST, SessionEnd
+from gateway.errors import UPSTREAM_LOST, SessionEnd, error_event
+from gateway.guard import MAX_CHECKED_CONTAINERS
 from gateway.logs import get_logger
 from gateway.relay import (
     CLIENT_GONE_CODE,
@@ -74,6 +79,11 @@ _GUARDED = (b"session.update", b"\\u")
 _USAGE = (b'"response.done"', b"transcription.completed")
 _NO_CODE = (1005, 1006, 1015)
 """Close codes that may not be sent in a close frame (RFC 6455 §7.4.1)."""
+
+
+TOO_MANY_CONTAINERS = (f"the message holds more than {MAX_CHECKED_CONTAINERS} JSON objects and "
+                       "arrays; it was not translated")
+"""The ``error`` event's message for a client message too costly to parse (not forwarded)."""
 
 
 def _dumps(event: Any) -> bytes:
@@ -190,7 +200,11 @@ class _Peer(asyncio.Protocol):
         if opcode is Opcode.TEXT:
             self.text(payload)
         else:
-            self.peer.send(Opcode.BINARY, payload)
+            self.binary(payload)
+
+    def binary(self, payload: bytes) -> None:
+        """One complete binary message from this side (while forwarding): crosses as is."""
+        self.peer.send(Opcode.BINARY, payload)
 
     def text(self, payload: bytes) -> None:
         """One complete text message from this side (while forwarding)."""
@@ -350,6 +364,11 @@ class _Client(_Peer):
         if client_frame_is_verbatim(payload):
             upstream.send(Opcode.TEXT, payload)
             return
+        if payload.count(b"{") + payload.count(b"[") > MAX_CHECKED_CONTAINERS:
+            # Parsing many small objects costs the event loop ~0.1 s per MB: refuse what a
+            # Realtime event never needs, as the model guard does (C-speed count first).
+            self.send_own(error_event("invalid_request", TOO_MANY_CONTAINERS).encode())
+            return
         event = _loads(payload)
         if not isinstance(event, dict):  # the upstream answers it with its own error
             self._guarded(payload)
@@ -357,14 +376,19 @@ class _Client(_Peer):
         for translated in self.relay.translator.client_to_upstream(event):
             self._guarded(_dumps(translated))
 
-    def _guarded(self, text: bytes) -> None:
+    def binary(self, payload: bytes) -> None:
+        """A binary message is a JSON event to parsers that take bytes: model pinning
+        applies to it as to text (as in :mod:`gateway.relay`); it crosses untranslated."""
+        self._guarded(payload, Opcode.BINARY)
+
+    def _guarded(self, text: bytes, opcode: Opcode = Opcode.TEXT) -> None:
         guard = self.guard
         if guard is not None and (_GUARDED[0] in text or _GUARDED[1] in text):
             refusal = guard(text)
             if refusal is not None:
                 self.send_own(refusal.encode())
                 return
-        self.peer.send(Opcode.TEXT, text)
+        self.peer.send(opcode, text)
 
     def close_received(self) -> None:
         close = self.ws.close_rcvd

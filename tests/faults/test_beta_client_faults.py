@@ -9,6 +9,7 @@ the leak sweep of ``conftest.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from tests.faults.conftest import (
     round_trip,
     serve,
 )
-from tests.faults.proxy import OP_TEXT, FaultProxy, RawWebSocket, ScriptedUpstream, reset
+from tests.faults.proxy import OP_BINARY, OP_TEXT, FaultProxy, RawWebSocket, ScriptedUpstream, reset
 from tests.faults.test_client_faults import (
     MAX_MESSAGE,
     MODELS,
@@ -177,3 +178,44 @@ async def test_vanished_upstream_is_upstream_error_1011(
     assert closed.errors[-1]["error"]["code"] == "upstream_error"
     await wait_for(lambda: not gw.gateway.registry.sessions)
     assert len(emulator_sessions(emulator)) == 1
+
+
+async def read_error_code(raw: RawWebSocket) -> str:
+    """The code of the next ``error`` event the client is sent (other events skipped)."""
+    async with asyncio.timeout(5):
+        while True:
+            opcode, payload = await raw.read_frame()
+            if opcode == OP_TEXT and b'"type":"error"' in payload:
+                code: str = json.loads(payload)["error"]["code"]
+                return code
+
+
+async def test_beta_messages_too_costly_to_parse_are_refused_not_parsed(
+        gw: RunningGateway, emulator: Emulator, tokens: Tokens) -> None:
+    """A beta client's message of many small JSON objects (the shape that stalls a parser on
+    the event loop) is refused with an ``error`` event before any parse; the session goes
+    on and the upstream never sees it."""
+    raw = await raw_beta_session(gw, tokens.mint())
+    flood = b'{"type":"conversation.item.create","item":' + b"[{}," * 15_000 + b"{}]}"
+    assert len(flood) < MAX_MESSAGE
+    raw.send_frame(OP_TEXT, flood)
+    assert await read_error_code(raw) == "invalid_request"
+    raw.send_frame(OP_TEXT, b'{"type":"input_audio_buffer.clear"}')
+    await wait_for(lambda: emulator_sessions(emulator)[-1]["client_events"].get(
+        "input_audio_buffer.clear") == 1)
+    assert "conversation.item.create" not in emulator_sessions(emulator)[-1]["client_events"]
+    raw.abort()
+
+
+async def test_beta_binary_session_update_goes_through_model_pinning(
+        gw: RunningGateway, emulator: Emulator, tokens: Tokens) -> None:
+    """A binary frame is a JSON event to parsers that take bytes: one switching the model is
+    refused like a text one (``forbidden``) and never reaches the upstream."""
+    raw = await raw_beta_session(gw, tokens.mint())
+    raw.send_frame(OP_BINARY, b'{"type":"session.update","session":{"model":"gpt-5-pro"}}')
+    assert await read_error_code(raw) == "forbidden"
+    raw.send_frame(OP_TEXT, b'{"type":"input_audio_buffer.clear"}')
+    await wait_for(lambda: emulator_sessions(emulator)[-1]["client_events"].get(
+        "input_audio_buffer.clear") == 1)
+    assert emulator_sessions(emulator)[-1]["binary_frames"] == 0
+    raw.abort()
