@@ -33,6 +33,7 @@ from tests.faults.test_client_faults import (
     MODELS,
     PROTOCOL_ERRORS,
     Flood,
+    assert_protocol_error_closes_1002,
     assert_slow_consumer_closed,
     relays,
     upstream_closed,
@@ -154,18 +155,8 @@ async def test_beta_invalid_utf8_text_is_closed_1007(
 @pytest.mark.parametrize("case", list(PROTOCOL_ERRORS))
 async def test_beta_protocol_errors_close_1002(
         gw: RunningGateway, emulator: Emulator, tokens: Tokens, case: str) -> None:
-    raw = await raw_beta_session(gw, tokens.mint())
-    frame = PROTOCOL_ERRORS[case]
-    raw.send_frame(frame["opcode"], frame["payload"],  # type: ignore[arg-type]
-                   fin=frame.get("fin", True), rsv=frame.get("rsv", 0),  # type: ignore[arg-type]
-                   mask=frame.get("mask", True))  # type: ignore[arg-type]
-    async with asyncio.timeout(5):
-        close = await raw.close_frame()
-    raw.abort()
-    assert close is not None and close[0] == 1002, close
-    assert (await upstream_closed(emulator, within=3))["close_code"] == 1001
-    await wait_for(lambda: not gw.gateway.registry.sessions)
-    assert metric(gw, "realtime_gateway_sessions_active") == 0
+    await assert_protocol_error_closes_1002(
+        gw, emulator, await raw_beta_session(gw, tokens.mint()), case)
 
 
 async def test_vanished_upstream_is_upstream_error_1011(

@@ -289,8 +289,14 @@ PROTOCOL_ERRORS = {
 async def test_protocol_errors_close_1002(
         gw: RunningGateway, emulator: Emulator, tokens: Tokens, case: str) -> None:
     """Case 34: frames RFC 6455 forbids → 1002; the upstream is closed, the slot freed."""
-    token = tokens.mint()
-    raw = await raw_session(gw, token)
+    await assert_protocol_error_closes_1002(gw, emulator, await raw_session(gw, tokens.mint()),
+                                            case)
+
+
+async def assert_protocol_error_closes_1002(gw: RunningGateway, emulator: Emulator,
+                                            raw: RawWebSocket, case: str) -> None:
+    """Send ``raw`` the forbidden frame ``PROTOCOL_ERRORS[case]``: it is closed 1002, the
+    upstream 1001, and no session is left (GA and beta sessions alike)."""
     frame = PROTOCOL_ERRORS[case]
     raw.send_frame(frame["opcode"], frame["payload"],  # type: ignore[arg-type]
                    fin=frame.get("fin", True), rsv=frame.get("rsv", 0),  # type: ignore[arg-type]
