@@ -419,7 +419,10 @@ def gateway_relay(tmp: Path, pinning: Pinning, config: Path) -> Iterator[Target]
     """``python -m gateway serve --config <config>`` on free ports, ready (``/readyz``)."""
     log = tmp / f"gateway-{secrets.token_hex(3)}.log"
     env = {**os.environ, UPSTREAM_KEY_ENV: secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"}
-    argv = [*pinning.relay(), sys.executable, "-m", "gateway", "serve", "--config", str(config),
+    # BENCH_PROBE_OUT: run the gateway under bench/probe.py (stall evidence, issue 16).
+    probe = os.environ.get("BENCH_PROBE_OUT")
+    runner = ["-m", "bench.probe", "--out", probe, "--"] if probe else ["-m", "gateway"]
+    argv = [*pinning.relay(), sys.executable, *runner, "serve", "--config", str(config),
             "--port", "0", "--metrics-port", "0"]
     with spawn("gateway", argv, log=log, env=env) as child:
         listening: dict[str, Any] = {}

@@ -32,9 +32,14 @@ function parseArgs(argv) {
 const args = parseArgs(process.argv);
 const APPEND = Buffer.from('"input_audio_buffer.append"');
 const AUDIO_KEY = Buffer.from('"audio":"');
+// The delta's event_id carries the time the append arrived here (epoch ms, fixed width), so
+// the load generator can split a slow round trip into its way up and its way down.
+const DELTA_PREFIX = Buffer.from('{"type":"response.output_audio.delta","event_id":"t');
 const DELTA_HEAD = Buffer.from(
-  '{"type":"response.output_audio.delta","event_id":"event_bench","response_id":"resp_bench",' +
+  '","response_id":"resp_bench",' +
   '"item_id":"item_bench","output_index":0,"content_index":0,"delta":"');
+const arrival = () => Buffer.from(
+  (performance.timeOrigin + performance.now()).toFixed(1).padStart(15, '0'));
 const DELTA_TAIL = Buffer.from('"}');
 // 20 ms of audio is ~2 audio tokens in, ~2 out; one response.done per N appends.
 function usageEvent(appends) {
@@ -78,7 +83,8 @@ server.on('connection', (ws) => {
     const from = start + AUDIO_KEY.length;
     const to = data.indexOf(0x22, from); // the closing quote; base64 never contains one
     if (to < 0) return;
-    ws.send(Buffer.concat([DELTA_HEAD, data.subarray(from, to), DELTA_TAIL]), { binary: false });
+    ws.send(Buffer.concat([DELTA_PREFIX, arrival(), DELTA_HEAD, data.subarray(from, to), DELTA_TAIL]),
+      { binary: false });
     appends += 1;
     if (USAGE !== null && appends % args.usageEvery === 0) ws.send(USAGE);
   });
