@@ -439,7 +439,7 @@ def nginx_relay(tmp: Path, pinning: Pinning, upstream_port: int,
         if not child.alive():
             raise BenchError(f"nginx exited:\n{child.log_tail()}")
         wait_until(lambda: bool(procfs.children(child.pid)), START_TIMEOUT, "nginx worker")
-        pids = [child.pid, *procfs.children(child.pid)]
+        pids = procfs.tree(child.pid)
         yield Target("nginx", f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}", pids,
                      process=child)
 
@@ -516,56 +516,18 @@ def gateway_relay(tmp: Path, pinning: Pinning, config: Path, workers: int = 1,
                   name: str = "gateway") -> Iterator[Target]:
     """``python -m gateway serve --config <config>`` on free ports, ready (``/readyz``).
 
-    With ``workers`` > 1: ``serve --workers N`` on ports chosen here (the workers share the
-    main port with SO_REUSEPORT; metrics are aggregated on the metrics port), pinned to
-    cores 0..N-1; the target's pids are the supervisor and all its children.
+    With ``workers`` > 1 it is ``serve --workers N`` (the workers share the main port with
+    SO_REUSEPORT, metrics are aggregated on the metrics port), pinned to cores 0..N-1, and
+    ready once N worker processes run as well.  Either way the target's pids are the
+    process tree (:func:`bench.procfs.tree`: the supervisor and its children, or the one
+    process), whose CPU, RSS and fds are summed as nginx's are.
     """
-    if workers > 1:
-        with _gateway_workers(tmp, pinning, config, workers, name) as target:
-            yield target
-        return
-    log = tmp / f"gateway-{secrets.token_hex(3)}.log"
-    env = {**os.environ, UPSTREAM_KEY_ENV: secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"}
-    argv = [*pinning.relay(), sys.executable, "-m", "gateway", "serve", "--config", str(config),
-            "--port", "0", "--metrics-port", "0"]
-    with spawn("gateway", argv, log=log, env=env) as child:
-        listening: dict[str, Any] = {}
-
-        def started() -> bool:
-            if not child.alive():
-                return True
-            for line in log.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and record.get("event") == "gateway.listening":
-                        listening.update(record)
-                        return True
-            return False
-
-        wait_until(started, START_TIMEOUT, "gateway", interval=0.1)
-        if not child.alive():
-            raise BenchError(f"the gateway exited:\n{child.log_tail()}")
-        port, metrics_port = int(listening["port"]), int(listening["metrics_port"])
-
-        def ready() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-            return False
-
-        wait_until(ready, START_TIMEOUT, "gateway /readyz", interval=0.1)
-        yield Target(name, f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}",
-                     [child.pid], f"http://127.0.0.1:{metrics_port}/metrics", child, log=log)
-
-
-@contextlib.contextmanager
-def _gateway_workers(tmp: Path, pinning: Pinning, config: Path, workers: int,
-                     name: str) -> Iterator[Target]:
     log = tmp / f"gateway-{secrets.token_hex(3)}.log"
     env = {**os.environ, UPSTREAM_KEY_ENV: secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"}
     port, metrics_port = free_port(), free_port()
     argv = [*pinning.relay(workers), sys.executable, "-m", "gateway", "serve", "--config",
             str(config), "--port", str(port), "--metrics-port", str(metrics_port),
-            "--workers", str(workers)]
+            *(["--workers", str(workers)] if workers > 1 else [])]
     with spawn("gateway", argv, log=log, env=env) as child:
 
         def ready() -> bool:
@@ -575,14 +537,16 @@ def _gateway_workers(tmp: Path, pinning: Pinning, config: Path, workers: int,
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
             return False
 
-        wait_until(ready, START_TIMEOUT, f"gateway ({workers} workers) /readyz", interval=0.1)
+        what = "gateway" + (f" ({workers} workers)" if workers > 1 else "")
+        wait_until(ready, START_TIMEOUT, f"{what} /readyz", interval=0.1)
         if not child.alive():
             raise BenchError(f"the gateway exited:\n{child.log_tail()}")
-        wait_until(lambda: len(procfs.children(child.pid)) >= workers, START_TIMEOUT,
-                   f"{workers} gateway workers")
-        pids = [child.pid, *procfs.children(child.pid)]
-        yield Target(name, f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}", pids,
-                     f"http://127.0.0.1:{metrics_port}/metrics", child, log=log)
+        if workers > 1:
+            wait_until(lambda: len(procfs.children(child.pid)) >= workers, START_TIMEOUT,
+                       f"{workers} gateway workers")
+        yield Target(name, f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}",
+                     procfs.tree(child.pid), f"http://127.0.0.1:{metrics_port}/metrics", child,
+                     log=log)
 
 
 def scrape(metrics_url: str) -> dict[str, Any]:

@@ -11,10 +11,14 @@ the TLS flag, sweep rows), never timings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +307,21 @@ def test_readme_block_is_replaced_in_place(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old" not in text and "new table" in text and text.index("tail") < text.index("other")
     assert text.count("<!-- bench:x:start -->") == 1
+
+
+def test_a_process_tree_is_the_process_and_its_descendants() -> None:
+    from bench import procfs
+
+    parent = subprocess.Popen(["bash", "-c", "sleep 30 & (sleep 30 & wait) & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while len(procfs.tree(parent.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = procfs.tree(parent.pid)
+        assert found[0] == parent.pid and len(found) == 4  # bash, sleep, subshell, its sleep
+        assert procfs.total_rss_bytes(found) > procfs.rss_bytes(parent.pid)
+    finally:
+        for pid in reversed(procfs.tree(parent.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
