@@ -1,4 +1,4 @@
-"""The benchmark runner (issue 7): one command, one machine, loopback only, stops by itself.
+"""The benchmark runner (issues 7 and 16): one command, one machine, loopback only, bounded.
 
 ``python -m bench.run [--sessions 200] [--duration 20] ...`` (see ``--help`` and
 ``bench/README.md``).  It starts, each on a free loopback port and in a temporary
@@ -1475,7 +1475,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--sweep", action="store_true",
                         help="capacity sweep: direct, nginx and gateway at increasing session "
                              "counts until added p99 > 10 ms or the offered rate is missed; "
-                             "reports sessions per core (~8 min at most)")
+                             "reports sessions per core (<= 9 min at the defaults)")
     parser.add_argument("--throughput", action="store_true",
                         help="the sweep for the gateway with 1 and with 2 workers: highest "
                              "msgs/s at added p99 <= 10 ms (needs serve --workers)")
@@ -1505,6 +1505,8 @@ def parse_args(argv: list[str] | None) -> Options:
         parser.error("--sweep/--throughput go without --soak, --repeat and --profile")
     if soak and args.repeat > 1:
         parser.error("--soak runs once: no --repeat")
+    if args.gateway_workers > 1 and (soak or args.profile or args.profile_native):
+        parser.error("--soak and --profile measure one gateway process: --gateway-workers 1")
     if sweeping:
         try:
             sweep.schedule(args.sweep_start, args.sweep_step, args.sweep_max)
