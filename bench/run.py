@@ -190,10 +190,10 @@ class Pinning:
     def relay_note(self, workers: int) -> str:
         """Where a gateway of ``workers`` processes runs."""
         if not self.enabled:
-            return f"gateway: {workers} worker(s), not pinned"
+            return f"{workers} worker(s), not pinned"
         if workers <= 1:
-            return f"gateway: 1 worker on core {self.relay_core}"
-        return (f"gateway: {workers} workers on cores 0-{workers - 1} (sharing core "
+            return f"1 worker on core {self.relay_core}"
+        return (f"{workers} workers on cores 0-{workers - 1} (sharing core "
                 f"{self.load_core} with the load side); CPU summed over the supervisor and "
                 "its children; its numbers are not per core")
 
@@ -951,7 +951,8 @@ def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayR
         pinning.note + f"; load average at start {info['machine']['loadavg_at_start']}",
     ]
     if options.gateway_workers > 1 and any("gateway" in runs for runs in rounds):
-        lines.append(pinning.relay_note(options.gateway_workers) + "; the bar is set for one "
+        lines.append("gateway: " + pinning.relay_note(options.gateway_workers)
+                     + "; the bar is set for one "
                      "worker on one core: shown for reference")
     if options.upstream_tls:
         lines.append(
@@ -1295,7 +1296,8 @@ def _sweep(bench: Bench, info: dict[str, Any]) -> Path:
               f"{counts[0]}..{counts[-1]} step {options.sweep_step}"
               + (", then one bisection step" if options.sweep_bisect else ""),
               bench.pinning.note + f"; load average at start {info['machine']['loadavg_at_start']}"]
-    lines += [bench.pinning.relay_note(bench.workers(r)) for r in relays if r.startswith("gateway")]
+    lines += [f"{r}: {bench.pinning.relay_note(bench.workers(r))}" for r in relays
+              if r.startswith("gateway")]
     lines += [f"{run.name} at {run.sessions}: WARNING {w}" for run in runs for w in run.warnings]
     table = sweep.sweep_markdown(title, points, capacities, verdicts, lines,
                                  throughput=options.throughput)

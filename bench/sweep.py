@@ -205,7 +205,7 @@ def sweep_markdown(title: str, points: Sequence[SweepPoint],
             f"| {p.appends_per_s:,.0f} | {p.messages_per_s:,.0f} | {_cell(p.rtt_p99_ms, 2)} "
             f"| {_cell(p.added_p99_ms, 2)} | {_cell(p.relay_cpu_percent, 0)} "
             f"| {_cell(p.load_core_busy_percent, 0)} | {p.result} |")
-    head = ("| relay | processes | sessions at added p99 ≤ 10 ms | sessions per core "
+    head = ("| relay | workers | sessions at added p99 ≤ 10 ms | sessions per core "
             "| msgs/s there | stopped by |")
     lines += ["", head, "|---|---:|---:|---:|---:|---|"]
     for c in capacities.values():
