@@ -164,7 +164,8 @@ def test_the_client_scan_remasks_with_the_pool_and_stops_where_python_must_decid
     assert (pos, messages, size, pool_pos) == (2 * len(ok), 2, 2 * (len(ok) - 6), 8)
     assert out is not None and len(out) == 2 * len(ok)
     assert [out[2:6], out[len(ok) + 2:len(ok) + 6]] == [pool[0:4], pool[4:8]]
-    assert frames_of(out, sent_by_client=True) == [(1, True, b'{"type":"input_audio_buffer.append"}')] * 2
+    append = (1, True, b'{"type":"input_audio_buffer.append"}')
+    assert frames_of(out, sent_by_client=True) == [append] * 2
     # Without a guard the same message passes; with the pool used up the scan stops.
     pos, _, messages, _, _ = scan.scan_client(data, 0, MAX_MESSAGE, pool, 0, None, None)
     assert (pos, messages) == (len(data), 4)
