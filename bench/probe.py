@@ -203,47 +203,57 @@ class Probe:
 def analyse(probe_file: Path, loadgen_file: Path, slow_ms: float = 10.0) -> dict[str, Any]:
     """Line up the load generator's slow round trips with the probe's events.
 
-    ``loadgen_file``: the load generator's report (JSON with ``slow_rtts``: ``[epoch ms of
-    the send, round trip ms]``).  For each slow round trip (over ``slow_ms``), the events
-    whose time falls inside ``[send, send + rtt]`` are counted by kind; the result gives,
-    per kind, how many slow round trips overlapped one, and the largest loop lag seen
-    inside each slow round trip.
+    ``loadgen_file``: the load generator's report, or a bench result file (its first
+    gateway run), with ``slow_rtts``: ``[epoch ms of the send, round trip ms, epoch ms of
+    the append's arrival at the upstream or None]``.  Each slow round trip (over
+    ``slow_ms``) is split into its way up (send → arrival) and down (arrival → reply), and
+    the probe's events inside ``[send, send + rtt]`` are counted by kind; ``explained``
+    counts the slow round trips during which the gateway's loop was late by at least half
+    the excess (``lag``/``stall``) or the process waited for its core (``sched``).
     """
     events = [json.loads(line) for line in probe_file.read_text().splitlines() if line]
     report = json.loads(loadgen_file.read_text())
-    if "runs" in report:  # a bench result file: the gateway run's load generator report
-        report = report["runs"]["gateway"]["loadgen"]
-    slow = [(s / 1000, ms) for s, ms in report.get("slow_rtts", []) if ms > slow_ms]
+    if "runs" in report:  # a bench result file: the (first) gateway run's load generator
+        runs = report["runs"]["gateway"]
+        report = (runs[0] if isinstance(runs, list) else runs)["loadgen"]
+    slow = [(row[0] / 1000, row[1], row[2] / 1000 if len(row) > 2 and row[2] else None)
+            for row in report.get("slow_rtts", []) if row[1] > slow_ms]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         by_kind.setdefault(event["kind"], []).append(event)
     overlap: dict[str, int] = {}
-    unexplained = 0
-    for sent, ms in slow:
+    explained = up_longer = 0
+    for sent, ms, arrived in slow:
         end = sent + ms / 1000
-        hit = False
+        if arrived is not None and arrived - sent > end - arrived:
+            up_longer += 1
+        worst_lag = 0.0
         for kind, items in by_kind.items():
-            if any(sent - 0.002 <= e.get("start", e["t"]) <= end for e in items):
+            inside = [e for e in items if sent - 0.002 <= e.get("start", e["t"]) <= end]
+            if inside:
                 overlap[kind] = overlap.get(kind, 0) + 1
-                if kind in ("lag", "stall", "gc", "sched"):
-                    hit = True
-        unexplained += not hit
+            if kind in ("lag", "stall"):
+                worst_lag = max([worst_lag, *(e.get("ms", e.get("age_ms", 0)) for e in inside)])
+            if kind == "sched" and any(e["runqueue_ms"] > 5 for e in inside):
+                worst_lag = max(worst_lag, ms)
+        explained += worst_lag >= (ms - slow_ms) / 2
     gcs = by_kind.get("gc", [])
     return {
         "slow_rtts": len(slow),
+        "way_up_longer": up_longer,
+        "explained_by_gateway_loop_or_core": explained,
         "overlapping": overlap,
-        "unexplained": unexplained,
         "gc": {g: {"count": sum(1 for e in gcs if e["gen"] == g),
                    "max_ms": max((e["ms"] for e in gcs if e["gen"] == g), default=0)}
                for g in (0, 1, 2)},
         "lag_events": len(by_kind.get("lag", [])),
         "lag_max_ms": max((e["ms"] for e in by_kind.get("lag", [])), default=0),
-        "stalls": [{"t": e["t"], "age_ms": e["age_ms"], "stack": e["stack"][-4:]}
-                   for e in by_kind.get("stall", [])][:20],
+        "stalls": [{"t": e["t"], "age_ms": e["age_ms"], "stack": e["stack"][-3:]}
+                   for e in by_kind.get("stall", []) if e["age_ms"] > 20][:10],
         "ticks_max_ms": max((e["ms"] for e in by_kind.get("tick", [])), default=0),
         "redis_calls": len(by_kind.get("redis", [])),
         "redis_max_ms": max((e["ms"] for e in by_kind.get("redis", [])), default=0),
-        "sched": by_kind.get("sched", [])[:50],
+        "runqueue_ms_total": round(sum(e["runqueue_ms"] for e in by_kind.get("sched", [])), 1),
     }
 
 

@@ -75,6 +75,8 @@ class RelayRun:
     fds_after: int | None = None
     core_busy_percent: dict[int, float] = field(default_factory=dict)
     core_steal_percent: dict[int, float] = field(default_factory=dict)
+    relay_core_by_second: list[dict[str, float]] = field(default_factory=list)
+    """Each second of the window: the relay core's hypervisor steal and busy time, ms."""
     helper_cpu_percent: dict[str, float] = field(default_factory=dict)
     gateway_metrics: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

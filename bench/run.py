@@ -689,6 +689,8 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
     cpu_start: dict[str, float] = {}
     cores_start: dict[int, procfs.CoreTimes] = {}
     next_sample = started
+    next_core = float("inf")
+    core_last: dict[int, procfs.CoreTimes] = {}
     env = {**os.environ, **target.loadgen_env} if target.loadgen_env else None
     with spawn(f"loadgen-{target.name}", argv, log=tmp / f"loadgen-{target.name}.log",
                stdin=True, stdout_pipe=True, env=env) as loadgen:
@@ -701,7 +703,20 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
             if soak_samples is not None and time.monotonic() >= next_sample and pids:
                 soak_samples.append(soak_sample(target, time.monotonic() - started))
                 next_sample += options.sample_every
-            line = reader.readline(1.0)
+            now = time.monotonic()
+            if "start" in window and "end" not in window and now >= next_core:
+                # per-second steal and busy time of the relay's core (stall evidence)
+                sample = procfs.core_times()
+                relay_core = pinning.relay_core if pinning.enabled else 0
+                before, after = core_last[relay_core], sample[relay_core]
+                hz = os.sysconf("SC_CLK_TCK")
+                run.relay_core_by_second.append({
+                    "steal_ms": round(1000 * (after.steal - before.steal) / hz, 1),
+                    "busy_ms": round(1000 * (after.busy - before.busy) / hz, 1)})
+                core_last = sample
+                next_core += 1.0
+            line = reader.readline(max(0.01, min(1.0, next_core - now))
+                                   if "start" in window and "end" not in window else 1.0)
             if line is None:
                 if reader.closed:
                     raise BenchError(f"the load generator against {target.name} exited:\n"
@@ -714,6 +729,8 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
             event = record.get("event")
             if event == "window_start":
                 window["start"] = time.monotonic()
+                next_core = window["start"] + 1.0
+                core_last = procfs.core_times()
                 run.cpu_seconds = procfs.total_cpu_seconds(pids) if pids else None
                 cpu_start = _cpu_of(all_helpers)
                 cores_start = procfs.core_times()
@@ -979,7 +996,7 @@ def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayR
             helpers = ", ".join(f"{k} {v:.0f} %" for k, v in run.helper_cpu_percent.items())
             worst = max(run.loadgen.get("rtt_max_ms_by_second") or [0])
             lines.append(f"{label}: busy {cores} (hypervisor steal {steal}); helpers' CPU "
-                         f"{helpers}; worst round trip {worst:.1f} ms")
+                         f"{helpers}; worst round trip {worst:.1f} ms{stall_note(run)}")
             lines += [f"{label}: WARNING {w}" for w in run.warnings]
         gw = runs.get("gateway")
         if gw and gw.gateway_metrics:
@@ -991,6 +1008,22 @@ def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayR
                          f"tokens metered {m.get('tokens_total', 0):.0f}; "
                          f"rejections {m.get('rejections') or 'none'}")
     return lines
+
+
+def stall_note(run: RelayRun, slow_ms: float = 10.0, stolen_ms: float = 10.0) -> str:
+    """How many seconds of the window had a round trip over ``slow_ms`` and how many of
+    those had at least ``stolen_ms`` of hypervisor steal on the relay's core (the stall
+    evidence of issue 16), or nothing when the run has no per-second readings."""
+    worst = run.loadgen.get("rtt_max_ms_by_second") or []
+    cores = run.relay_core_by_second
+    if not cores or not worst:
+        return ""
+    slow = [i for i, ms in enumerate(worst) if ms > slow_ms and i < len(cores)]
+    stolen = [i for i in slow if cores[i]["steal_ms"] >= stolen_ms]
+    total = sum(c["steal_ms"] for c in cores)
+    return (f"; {len(slow)} s with a round trip over {slow_ms:g} ms, {len(stolen)} of them "
+            f"with ≥ {stolen_ms:g} ms of steal on the relay core ({total:.0f} ms stolen in "
+            f"{len(cores)} s)")
 
 
 def timestamp() -> str:
