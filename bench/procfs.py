@@ -32,6 +32,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def total_system_cpu_seconds(pids: Iterable[int]) -> float:
+    """System (kernel) CPU time of ``pids`` (``stime``, field 15), seconds; processes
+    already gone count 0."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += int(_stat_fields(pid)[12]) / CLOCK_TICKS
+        except OSError:
+            continue
+    return total
+
+
 def parent_pid(pid: int) -> int:
     """The parent process id (field 4 of ``/proc/<pid>/stat``)."""
     return int(_stat_fields(pid)[1])

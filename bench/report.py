@@ -65,6 +65,8 @@ class RelayRun:
     loadgen: dict[str, Any]
     wall_seconds: float
     cpu_seconds: float | None = None
+    system_cpu_seconds: float | None = None
+    """The kernel's part of ``cpu_seconds`` (``stime``)."""
     rss_rest: int | None = None
     rss_loaded: int | None = None
     rss_idle: int | None = None

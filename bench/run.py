@@ -732,6 +732,7 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
                 next_core = window["start"] + 1.0
                 core_last = procfs.core_times()
                 run.cpu_seconds = procfs.total_cpu_seconds(pids) if pids else None
+                run.system_cpu_seconds = procfs.total_system_cpu_seconds(pids) if pids else None
                 cpu_start = _cpu_of(all_helpers)
                 cores_start = procfs.core_times()
                 if on_window:
@@ -742,6 +743,9 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
                 window["end"] = time.monotonic()
                 if pids and run.cpu_seconds is not None:
                     run.cpu_seconds = procfs.total_cpu_seconds(pids) - run.cpu_seconds
+                    if run.system_cpu_seconds is not None:
+                        run.system_cpu_seconds = (procfs.total_system_cpu_seconds(pids)
+                                                  - run.system_cpu_seconds)
                     run.rss_loaded = procfs.total_rss_bytes(pids)
                     run.fds_loaded = procfs.total_fds(pids)
                 wall = window["end"] - window["start"]
@@ -995,8 +999,13 @@ def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayR
                               for c, p in sorted(run.core_steal_percent.items()))
             helpers = ", ".join(f"{k} {v:.0f} %" for k, v in run.helper_cpu_percent.items())
             worst = max(run.loadgen.get("rtt_max_ms_by_second") or [0])
-            lines.append(f"{label}: busy {cores} (hypervisor steal {steal}); helpers' CPU "
-                         f"{helpers}; worst round trip {worst:.1f} ms{stall_note(run)}")
+            kernel = ""
+            if run.system_cpu_seconds is not None and run.relayed_messages:
+                kernel = (f"; of its CPU per message "
+                          f"{run.system_cpu_seconds * 1e6 / run.relayed_messages:.1f} µs "
+                          "in the kernel")
+            lines.append(f"{label}: busy {cores} (hypervisor steal {steal}){kernel}; helpers' "
+                         f"CPU {helpers}; worst round trip {worst:.1f} ms{stall_note(run)}")
             lines += [f"{label}: WARNING {w}" for w in run.warnings]
         gw = runs.get("gateway")
         if gw and gw.gateway_metrics:

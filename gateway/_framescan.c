@@ -29,6 +29,7 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -190,6 +191,81 @@ optional_bytes(PyObject *obj, const char **buf, Py_ssize_t *len)
     return 1;
 }
 
+/* The client scan over data[pos:n] (see scan_client): writes the handled frames, re-masked,
+ * to *out (allocated here, NULL when none) and returns the position it stopped at. */
+static Py_ssize_t
+client_run(const unsigned char *data, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t room,
+           const unsigned char *pool, Py_ssize_t pool_len, Py_ssize_t *pool_pos,
+           const char *guard_a, Py_ssize_t guard_a_len, const char *guard_b,
+           Py_ssize_t guard_b_len, PyObject **out, Py_ssize_t *messages,
+           Py_ssize_t *payload_bytes)
+{
+    unsigned char *dst = NULL;
+    Py_ssize_t written = 0;
+    *out = NULL;
+    *messages = *payload_bytes = 0;
+    while (pos < n && *pool_pos + 4 <= pool_len) {
+        Py_ssize_t length;
+        int opcode;
+        Py_ssize_t size = data_frame_header(data + pos, n - pos, 1, room, &length, &opcode);
+        if (size == 0)
+            break;
+        if (*out == NULL) {
+            *out = PyBytes_FromStringAndSize(NULL, n - pos);  /* what is left: an upper bound */
+            if (*out == NULL)
+                return -1;
+            dst = (unsigned char *)PyBytes_AS_STRING(*out);
+        }
+        unsigned char *frame = dst + written;
+        unsigned char *payload = frame + size;
+        xor_mask(payload, data + pos + size, length, data + pos + size - 4);
+        if (opcode == OP_TEXT && !valid_utf8(payload, length))
+            break;
+        if (guard_a != NULL && (contains(payload, length, guard_a, guard_a_len)
+                                || contains(payload, length, guard_b, guard_b_len)))
+            break;
+        memcpy(frame, data + pos, (size_t)(size - 4));
+        memcpy(frame + size - 4, pool + *pool_pos, 4);
+        xor_mask(payload, payload, length, pool + *pool_pos);
+        *pool_pos += 4;
+        written += size + length;
+        pos += size + length;
+        *messages += 1;
+        *payload_bytes += length;
+    }
+    if (*out != NULL && written == 0) {
+        Py_CLEAR(*out);
+    } else if (*out != NULL && written != PyBytes_GET_SIZE(*out)) {
+        if (_PyBytes_Resize(out, written) < 0)
+            return -1;
+    }
+    return pos;
+}
+
+/* The upstream scan over data[pos:n] (see scan_upstream). */
+static Py_ssize_t
+upstream_run(const unsigned char *data, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t room,
+             const char *marker_a, Py_ssize_t marker_a_len, const char *marker_b,
+             Py_ssize_t marker_b_len, Py_ssize_t *messages, Py_ssize_t *payload_bytes)
+{
+    *messages = *payload_bytes = 0;
+    while (pos < n) {
+        Py_ssize_t length;
+        int opcode;
+        Py_ssize_t size = data_frame_header(data + pos, n - pos, 0, room, &length, &opcode);
+        if (size == 0)
+            break;
+        const unsigned char *payload = data + pos + size;
+        if (opcode == OP_TEXT && (contains(payload, length, marker_a, marker_a_len)
+                                  || contains(payload, length, marker_b, marker_b_len)))
+            break;
+        pos += size + length;
+        *messages += 1;
+        *payload_bytes += length;
+    }
+    return pos;
+}
+
 static PyObject *
 scan_client(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -211,52 +287,19 @@ scan_client(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs
     if (!optional_bytes(args[5], &guard_a, &guard_a_len)
             || !optional_bytes(args[6], &guard_b, &guard_b_len))
         return NULL;
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const unsigned char *pool = (const unsigned char *)PyBytes_AS_STRING(args[3]);
-    Py_ssize_t pool_len = PyBytes_GET_SIZE(args[3]);
     if (pos < 0 || pos > n || pool_pos < 0 || room < 0) {
         PyErr_SetString(PyExc_ValueError, "position out of range");
         return NULL;
     }
-    PyObject *out = NULL;
-    unsigned char *dst = NULL;
-    Py_ssize_t written = 0, messages = 0, payload_bytes = 0;
-    while (pos < n && pool_pos + 4 <= pool_len) {
-        Py_ssize_t length;
-        int opcode;
-        Py_ssize_t size = data_frame_header(data + pos, n - pos, 1, room, &length, &opcode);
-        if (size == 0)
-            break;
-        if (out == NULL) {
-            out = PyBytes_FromStringAndSize(NULL, n - pos);  /* what is left: an upper bound */
-            if (out == NULL)
-                return NULL;
-            dst = (unsigned char *)PyBytes_AS_STRING(out);
-        }
-        unsigned char *frame = dst + written;
-        unsigned char *payload = frame + size;
-        xor_mask(payload, data + pos + size, length, data + pos + size - 4);
-        if (opcode == OP_TEXT && !valid_utf8(payload, length))
-            break;
-        if (guard_a != NULL && (contains(payload, length, guard_a, guard_a_len)
-                                || contains(payload, length, guard_b, guard_b_len)))
-            break;
-        memcpy(frame, data + pos, (size_t)(size - 4));
-        memcpy(frame + size - 4, pool + pool_pos, 4);
-        xor_mask(payload, payload, length, pool + pool_pos);
-        pool_pos += 4;
-        written += size + length;
-        pos += size + length;
-        messages += 1;
-        payload_bytes += length;
-    }
-    if (out != NULL && written == 0) {
-        Py_CLEAR(out);
-    } else if (out != NULL && written != PyBytes_GET_SIZE(out)) {
-        if (_PyBytes_Resize(&out, written) < 0)
-            return NULL;
-    }
+    PyObject *out;
+    Py_ssize_t messages, payload_bytes;
+    pos = client_run((const unsigned char *)PyBytes_AS_STRING(args[0]), n, pos, room,
+                     (const unsigned char *)PyBytes_AS_STRING(args[3]),
+                     PyBytes_GET_SIZE(args[3]), &pool_pos, guard_a, guard_a_len, guard_b,
+                     guard_b_len, &out, &messages, &payload_bytes);
+    if (pos < 0)
+        return NULL;
     if (out == NULL) {
         out = Py_None;
         Py_INCREF(out);
@@ -289,23 +332,252 @@ scan_upstream(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, "position out of range");
         return NULL;
     }
-    Py_ssize_t messages = 0, payload_bytes = 0;
-    while (pos < n) {
-        Py_ssize_t length;
-        int opcode;
-        Py_ssize_t size = data_frame_header(data + pos, n - pos, 0, room, &length, &opcode);
-        if (size == 0)
-            break;
-        const unsigned char *payload = data + pos + size;
-        if (opcode == OP_TEXT && (contains(payload, length, marker_a, marker_a_len)
-                                  || contains(payload, length, marker_b, marker_b_len)))
-            break;
-        pos += size + length;
-        messages += 1;
-        payload_bytes += length;
-    }
+    Py_ssize_t messages, payload_bytes;
+    pos = upstream_run(data, n, pos, room, marker_a, marker_a_len, marker_b, marker_b_len,
+                       &messages, &payload_bytes);
     return Py_BuildValue("(nnn)", pos, messages, payload_bytes);
 }
+
+/* -- Receiver: a side's data_received in C ---------------------------------------------- */
+
+/* Receiver(side, relay, fallback, write, client, room, needle_a, needle_b, urandom)
+ *
+ * Installed as a relay side's ``data_received`` (an instance attribute, so uvloop and
+ * asyncio call it without a Python frame).  A read is handled here, whole, when the side is
+ * between frames (``side._chunks`` empty, no fragmented message: ``side._fragments is None``
+ * for the client, ``not side._in_message`` for the upstream), has no pong to send
+ * (``side._pong is None``), the relay is forwarding (``relay.forwarding``), and every
+ * frame of the read is one the scan takes: then the frames go to ``write`` (the peer
+ * transport's: re-masked from the client, as read from the upstream) and the counters
+ * ``messages``/``payload_bytes`` grow.  Anything else goes to ``fallback(data)`` — the
+ * Python ``data_received`` — with nothing done here.  ``needle_a``/``needle_b``: the
+ * client's guarded substrings (None without a guard) or the upstream's usage markers;
+ * ``urandom(n)`` refills the masking-key pool (4 KiB at a time).
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *side, *relay, *fallback, *write, *needle_a, *needle_b, *urandom, *pool;
+    Py_ssize_t pool_pos;
+    Py_ssize_t room;
+    int client;
+    long long messages, payload_bytes;
+} Receiver;
+
+static PyObject *str_chunks, *str_pong, *str_fragments, *str_in_message, *str_forwarding;
+
+#define POOL_BYTES 4096
+
+static int
+Receiver_traverse(Receiver *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->side);
+    Py_VISIT(self->relay);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->write);
+    Py_VISIT(self->needle_a);
+    Py_VISIT(self->needle_b);
+    Py_VISIT(self->urandom);
+    Py_VISIT(self->pool);
+    return 0;
+}
+
+static int
+Receiver_clear(Receiver *self)
+{
+    Py_CLEAR(self->side);
+    Py_CLEAR(self->relay);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->write);
+    Py_CLEAR(self->needle_a);
+    Py_CLEAR(self->needle_b);
+    Py_CLEAR(self->urandom);
+    Py_CLEAR(self->pool);
+    return 0;
+}
+
+static void
+Receiver_dealloc(Receiver *self)
+{
+    PyObject_GC_UnTrack(self);
+    Receiver_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+Receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"side", "relay", "fallback", "write", "client", "room",
+                             "needle_a", "needle_b", "urandom", NULL};
+    PyObject *side, *relay, *fallback, *write, *needle_a, *needle_b, *urandom;
+    int client;
+    Py_ssize_t room;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOpnOOO", kwlist, &side, &relay,
+                                     &fallback, &write, &client, &room, &needle_a, &needle_b,
+                                     &urandom))
+        return -1;
+    if ((needle_a != Py_None && !PyBytes_Check(needle_a))
+            || (needle_b != Py_None && !PyBytes_Check(needle_b))
+            || (needle_a == Py_None) != (needle_b == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "needles must both be bytes or both None");
+        return -1;
+    }
+    if (!client && needle_a == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "the upstream side needs its usage markers");
+        return -1;
+    }
+    if (room < 0) {
+        PyErr_SetString(PyExc_ValueError, "room must be >= 0");
+        return -1;
+    }
+    Py_INCREF(side);
+    Py_XSETREF(self->side, side);
+    Py_INCREF(relay);
+    Py_XSETREF(self->relay, relay);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    Py_INCREF(write);
+    Py_XSETREF(self->write, write);
+    Py_INCREF(needle_a);
+    Py_XSETREF(self->needle_a, needle_a);
+    Py_INCREF(needle_b);
+    Py_XSETREF(self->needle_b, needle_b);
+    Py_INCREF(urandom);
+    Py_XSETREF(self->urandom, urandom);
+    Py_CLEAR(self->pool);
+    self->pool_pos = 0;
+    self->client = client;
+    self->room = room;
+    return 0;
+}
+
+/* 1 when the side's state lets this read be handled here, 0 when not, -1 on error. */
+static int
+side_is_between_frames(Receiver *self)
+{
+    int ok = 0;
+    PyObject *value = PyObject_GetAttr(self->relay, str_forwarding);
+    if (value == NULL)
+        return -1;
+    ok = value == Py_True;
+    Py_DECREF(value);
+    if (!ok)
+        return 0;
+    value = PyObject_GetAttr(self->side, str_chunks);
+    if (value == NULL)
+        return -1;
+    ok = PyList_CheckExact(value) && PyList_GET_SIZE(value) == 0;
+    Py_DECREF(value);
+    if (!ok)
+        return 0;
+    value = PyObject_GetAttr(self->side, str_pong);
+    if (value == NULL)
+        return -1;
+    ok = value == Py_None;
+    Py_DECREF(value);
+    if (!ok)
+        return 0;
+    value = PyObject_GetAttr(self->side, self->client ? str_fragments : str_in_message);
+    if (value == NULL)
+        return -1;
+    ok = self->client ? value == Py_None : value == Py_False;
+    Py_DECREF(value);
+    return ok;
+}
+
+static PyObject *
+Receiver_call(Receiver *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *data;
+    if (kwds != NULL || !PyArg_UnpackTuple(args, "Receiver", 1, 1, &data))
+        return NULL;
+    if (self->side == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Receiver not initialised");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
+        return PyObject_CallOneArg(self->fallback, data);
+    int ok = side_is_between_frames(self);
+    if (ok < 0)
+        return NULL;
+    if (!ok)
+        return PyObject_CallOneArg(self->fallback, data);
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data), messages, payload_bytes, pos;
+    PyObject *out = NULL;
+    if (self->client) {
+        if (self->pool == NULL || PyBytes_GET_SIZE(self->pool) - self->pool_pos < 1024) {
+            PyObject *pool = PyObject_CallFunction(self->urandom, "n", (Py_ssize_t)POOL_BYTES);
+            if (pool == NULL)
+                return NULL;
+            if (!PyBytes_CheckExact(pool) || PyBytes_GET_SIZE(pool) != POOL_BYTES) {
+                Py_DECREF(pool);
+                PyErr_SetString(PyExc_TypeError, "urandom must return bytes of the size asked");
+                return NULL;
+            }
+            Py_XSETREF(self->pool, pool);
+            self->pool_pos = 0;
+        }
+        const char *guard_a = NULL, *guard_b = NULL;
+        Py_ssize_t guard_a_len = 0, guard_b_len = 0;
+        if (self->needle_a != Py_None) {
+            guard_a = PyBytes_AS_STRING(self->needle_a);
+            guard_a_len = PyBytes_GET_SIZE(self->needle_a);
+            guard_b = PyBytes_AS_STRING(self->needle_b);
+            guard_b_len = PyBytes_GET_SIZE(self->needle_b);
+        }
+        Py_ssize_t pool_pos = self->pool_pos;
+        pos = client_run(buf, n, 0, self->room,
+                         (const unsigned char *)PyBytes_AS_STRING(self->pool),
+                         PyBytes_GET_SIZE(self->pool), &pool_pos, guard_a, guard_a_len,
+                         guard_b, guard_b_len, &out, &messages, &payload_bytes);
+        if (pos < 0)
+            return NULL;
+        if (pos != n) {
+            Py_XDECREF(out);
+            return PyObject_CallOneArg(self->fallback, data);
+        }
+        self->pool_pos = pool_pos;
+    } else {
+        pos = upstream_run(buf, n, 0, self->room, PyBytes_AS_STRING(self->needle_a),
+                           PyBytes_GET_SIZE(self->needle_a), PyBytes_AS_STRING(self->needle_b),
+                           PyBytes_GET_SIZE(self->needle_b), &messages, &payload_bytes);
+        if (pos != n)
+            return PyObject_CallOneArg(self->fallback, data);
+        out = data;
+        Py_INCREF(out);
+    }
+    self->messages += messages;
+    self->payload_bytes += payload_bytes;
+    PyObject *result = PyObject_CallOneArg(self->write, out);
+    Py_DECREF(out);
+    if (result == NULL)
+        return NULL;
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+static PyMemberDef Receiver_members[] = {
+    {"messages", T_LONGLONG, offsetof(Receiver, messages), READONLY,
+     "messages forwarded by this receiver (the fallback's are counted in Python)"},
+    {"payload_bytes", T_LONGLONG, offsetof(Receiver, payload_bytes), READONLY,
+     "payload bytes of those messages"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ReceiverType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway._framescan.Receiver",
+    .tp_doc = "A relay side's data_received in C; see gateway/_framescan.c.",
+    .tp_basicsize = sizeof(Receiver),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Receiver_init,
+    .tp_dealloc = (destructor)Receiver_dealloc,
+    .tp_traverse = (traverseproc)Receiver_traverse,
+    .tp_clear = (inquiry)Receiver_clear,
+    .tp_call = (ternaryfunc)Receiver_call,
+    .tp_members = Receiver_members,
+};
 
 static PyMethodDef methods[] = {
     {"scan_client", (PyCFunction)(void (*)(void))scan_client, METH_FASTCALL,
@@ -325,5 +597,23 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__framescan(void)
 {
-    return PyModule_Create(&module);
+    str_chunks = PyUnicode_InternFromString("_chunks");
+    str_pong = PyUnicode_InternFromString("_pong");
+    str_fragments = PyUnicode_InternFromString("_fragments");
+    str_in_message = PyUnicode_InternFromString("_in_message");
+    str_forwarding = PyUnicode_InternFromString("forwarding");
+    if (!str_chunks || !str_pong || !str_fragments || !str_in_message || !str_forwarding)
+        return NULL;
+    if (PyType_Ready(&ReceiverType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ReceiverType);
+    if (PyModule_AddObject(m, "Receiver", (PyObject *)&ReceiverType) < 0) {
+        Py_DECREF(&ReceiverType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

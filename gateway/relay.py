@@ -54,8 +54,8 @@ import codecs
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Literal, Protocol, cast
+from types import MethodType, ModuleType
+from typing import Any, Literal, Protocol, cast
 
 from websockets.exceptions import ProtocolError
 from websockets.frames import Close, CloseCode, Frame, Opcode
@@ -539,8 +539,8 @@ class _ClientSide(_Side):
                     pos, chunk, messages, size, keys._pos = scan.scan_client(
                         data, pos, self.max_message, keys._pool, keys._pos, *self._guarded)
                     if chunk is not None:
-                        relay.client_messages += messages
-                        relay.client_bytes += size
+                        relay._client_messages += messages
+                        relay._client_bytes += size
                         if pos == n and not out:  # the whole read (the common case)
                             if relay.forwarding:
                                 relay.upstream_write(chunk)
@@ -575,8 +575,8 @@ class _ClientSide(_Side):
                         out.append(data[pos:pos + size - 4])
                         out.append(key)
                         out.append(apply_mask(payload, key))
-                        relay.client_messages += 1
-                        relay.client_bytes += length
+                        relay._client_messages += 1
+                        relay._client_bytes += length
                     else:
                         self.count_fragment(size, length)
                         self._fragments = [(data[pos:pos + size - 4], payload)]
@@ -667,8 +667,8 @@ class _ClientSide(_Side):
             out.append(key)
             out.append(apply_mask(payload, key))
             total += len(payload)
-        self.relay.client_messages += 1
-        self.relay.client_bytes += total
+        self.relay._client_messages += 1
+        self.relay._client_bytes += total
 
     def on_close(self, payload: bytes) -> None:
         parsed = self.parse_close(payload)
@@ -714,8 +714,8 @@ class _UpstreamSide(_Side):
                 if scan is not None and not self._in_message:
                     pos, messages, size = scan.scan_upstream(
                         data, pos, self.max_message, _RESPONSE_DONE, _TRANSCRIPTION_DONE)
-                    relay.upstream_messages += messages
-                    relay.upstream_bytes += size
+                    relay._upstream_messages += messages
+                    relay._upstream_bytes += size
                     if pos == n and run == 0:  # the whole read (the common case)
                         if relay.forwarding:
                             relay.client_write(data)
@@ -737,8 +737,8 @@ class _UpstreamSide(_Side):
                         raise FrameError(CloseCode.PROTOCOL_ERROR,
                                          "new message inside a fragmented one")
                     if b0 & _FIN:
-                        relay.upstream_messages += 1
-                        relay.upstream_bytes += length
+                        relay._upstream_messages += 1
+                        relay._upstream_bytes += length
                         if opcode == OP_TEXT and (
                                 data.find(_RESPONSE_DONE, pos + size, end) >= 0
                                 or data.find(_TRANSCRIPTION_DONE, pos + size, end) >= 0):
@@ -780,8 +780,8 @@ class _UpstreamSide(_Side):
 
     def _message_ends(self) -> None:
         relay = self.relay
-        relay.upstream_messages += 1
-        relay.upstream_bytes += self._message_bytes
+        relay._upstream_messages += 1
+        relay._upstream_bytes += self._message_bytes
         if self._text is not None:
             usage = tap(b"".join(self._text))
             if usage is not None:
@@ -916,10 +916,10 @@ class Relay:
         self.on_usage = on_usage
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
-        self.client_messages = 0
-        self.client_bytes = 0
-        self.upstream_messages = 0
-        self.upstream_bytes = 0
+        self._client_messages = 0
+        self._client_bytes = 0
+        self._upstream_messages = 0
+        self._upstream_bytes = 0
         self.forwarding = True
         self._result: asyncio.Future[RelayResult] = (
             asyncio.get_running_loop().create_future())
@@ -929,6 +929,20 @@ class Relay:
         self._upstream.peer = self._client
         self.client_write = client.write
         self.upstream_write = upstream.write
+        self._receivers: tuple[Any, ...] = ()
+        scan = FRAMESCAN
+        if scan is not None:  # each side's reads go to C first (gateway/_framescan.c)
+            self._receivers = (
+                scan.Receiver(self._client, self, MethodType(_Side.data_received, self._client),
+                              upstream.write, True, max_client_message,
+                              *self._client._guarded, os.urandom),
+                scan.Receiver(self._upstream, self,
+                              MethodType(_Side.data_received, self._upstream), client.write,
+                              False, max_upstream_message, _RESPONSE_DONE,
+                              _TRANSCRIPTION_DONE, os.urandom))
+            for side, receiver in zip((self._client, self._upstream), self._receivers,
+                                      strict=True):
+                setattr(side, "data_received", receiver)  # noqa: B010 - shadows the method
         self._upstream_buffered = upstream_buffered
         self._upstream_lost = upstream_lost
         self._started = False
@@ -950,6 +964,22 @@ class Relay:
         self._started = True
         buffered, self._upstream_buffered = self._upstream_buffered, b""
         take_over(self._client, self._upstream, buffered, self._upstream_lost)
+
+    @property
+    def client_messages(self) -> int:
+        return self._client_messages + sum(r.messages for r in self._receivers[:1])
+
+    @property
+    def client_bytes(self) -> int:
+        return self._client_bytes + sum(r.payload_bytes for r in self._receivers[:1])
+
+    @property
+    def upstream_messages(self) -> int:
+        return self._upstream_messages + sum(r.messages for r in self._receivers[1:])
+
+    @property
+    def upstream_bytes(self) -> int:
+        return self._upstream_bytes + sum(r.payload_bytes for r in self._receivers[1:])
 
     @property
     def sending_to_client(self) -> bool:

@@ -314,6 +314,67 @@ async def test_client_violations_close_it_and_the_upstream(frame: bytes, code: i
     assert Close.parse(bytes(upstream[-1].data)).code == 1001
 
 
+async def test_a_new_message_in_a_later_read_inside_a_fragmented_one_is_refused() -> None:
+    """The fragmented message's state spans reads: a complete final frame arriving alone
+    in the next read is still inside it (RFC 6455 §5.4) — 1002 from the client, 1011 to
+    the client for the upstream's (the C receiver must leave such a read to Python)."""
+    h = await harness()
+    h.from_client(client_frames(Frame(Opcode.TEXT, b'{"a":', fin=False)))
+    h.from_client(client_frames(Frame(Opcode.TEXT, b"{}")))
+    result = await h.result()
+    assert (result.initiator, result.code) == ("client", 1002)
+    assert not any(f.opcode == Opcode.TEXT for f in
+                   parsed(h.upstream.received(), sent_by_client=True))
+    u = await harness()
+    u.from_upstream(server_frames(Frame(Opcode.TEXT, b'{"a":', fin=False)))
+    u.from_upstream(server_frames(Frame(Opcode.TEXT, b"{}")))
+    result = await u.result()
+    assert (result.initiator, result.code) == ("upstream", 1011)
+    assert u.relay.upstream_messages == 0
+
+
+async def test_a_read_that_continues_a_frame_is_not_taken_for_frames_of_its_own() -> None:
+    """A frame cut after its first byte: the rest of it, read alone, parses as a complete
+    1-byte binary frame (its masking key's first byte reads as a header).  It must be
+    joined to the byte before it, not relayed as a frame."""
+    key = bytes((0x81, 0x11, 0x22, 0x33))
+    payload = b"ok"
+    wire = bytes((0x82, 0x80 | len(payload))) + key + bytes(
+        b ^ key[i % 4] for i, b in enumerate(payload))
+    h = await harness()
+    h.from_client(wire[:1])
+    h.from_client(wire[1:])
+    frames = parsed(h.upstream.received(), sent_by_client=True)
+    assert [(f.opcode, bytes(f.data)) for f in frames] == [(Opcode.BINARY, b"ok")]
+
+
+async def test_nothing_is_relayed_once_the_session_is_decided() -> None:
+    h = await harness()
+    h.relay.end(SLOW_CONSUMER)
+    h.from_client(client_frames(Frame(Opcode.TEXT, b'{"late":1}')))
+    h.from_upstream(server_frames(Frame(Opcode.TEXT, b'{"late":2}')))
+    upstream = parsed(h.upstream.received(), sent_by_client=True)
+    client = parsed(h.client.received(), sent_by_client=False)
+    assert upstream[-1].opcode == Opcode.CLOSE and client[-1].opcode == Opcode.CLOSE
+    assert b"late" not in h.upstream.received() + h.client.received()
+
+
+async def test_a_ping_held_over_the_mark_is_answered_before_later_reads_are_relayed() -> None:
+    """A pong held while the client's buffer was over its mark goes out once it drains,
+    and a read after it still goes through the Python path that answers it."""
+    h = await harness()
+    h.relay._client.pause_writing()
+    h.from_client(client_frames(Frame(Opcode.PING, b"p1")))
+    assert not [f for f in parsed(h.client.received(), sent_by_client=False)
+                if f.opcode == Opcode.PONG]
+    h.relay._client.write_paused = False  # drained, without a resume_writing() yet
+    h.from_client(client_frames(Frame(Opcode.TEXT, b"{}")))
+    pongs = [f for f in parsed(h.client.received(), sent_by_client=False)
+             if f.opcode == Opcode.PONG]
+    assert [bytes(p.data) for p in pongs] == [b"p1"]
+    assert h.relay.client_messages == 1
+
+
 async def test_upstream_close_reaches_the_client_and_the_handshake_completes() -> None:
     h = await harness()
     h.from_upstream(server_frames(Frame(Opcode.TEXT, b"{}"),
