@@ -55,7 +55,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType, ModuleType
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 from websockets.exceptions import ProtocolError
 from websockets.frames import Close, CloseCode, Frame, Opcode
@@ -65,6 +65,9 @@ from gateway.guard import GUARDED_BYTES
 from gateway.handoff import apply_mask
 from gateway.logs import get_logger
 from gateway.usage import RESPONSE_DONE_MARKER, TRANSCRIPTION_DONE_MARKER, TokenCounts, tap
+
+if TYPE_CHECKING:
+    from gateway._framescan import Receiver
 
 log = get_logger(__name__)
 
@@ -929,7 +932,7 @@ class Relay:
         self._upstream.peer = self._client
         self.client_write = client.write
         self.upstream_write = upstream.write
-        self._receivers: tuple[Any, ...] = ()
+        self._receivers: tuple[Receiver, ...] = ()
         scan = FRAMESCAN
         if scan is not None:  # each side's reads go to C first (gateway/_framescan.c)
             self._receivers = (
