@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
@@ -187,7 +187,16 @@ def _jwks_endpoint(issuer: DevIssuer) -> Any:
     return jwks
 
 
-def create_metrics_app(metrics: Metrics) -> Starlette:
+class Renders(Protocol):
+    """What the metrics app serves: :class:`~gateway.metrics.Metrics`, or the supervisor's
+    sum over its workers (:class:`gateway.workers.ReplicaMetrics`)."""
+
+    def render(self) -> bytes:
+        """The text exposition format (``text/plain; version=0.0.4``)."""
+        ...
+
+
+def create_metrics_app(metrics: Renders) -> Starlette:
     """The metrics port's app: exactly ``GET /metrics`` (no redirect to ``/metrics/``)."""
 
     async def render(request: Request) -> Response:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Generator, Sequence
+import socket
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -25,17 +27,20 @@ import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from gateway.app import Gateway, create_app, create_metrics_app
+from gateway.app import Gateway, build_gateway, create_app, create_metrics_app
 from gateway.config import Config
 from gateway.errors import SHUTTING_DOWN
 from gateway.handoff import GatewayWebSocketProtocol, header_deadline_protocol
 from gateway.logs import get_logger, serving_as
+from gateway.metrics import Metrics
 from gateway.registry import Registry
 
 log = get_logger(__name__)
 
 CLOSE_GRACE_SECONDS = 10.0
 """After the 1012 closes are sent, how long to wait for the sessions to finish closing."""
+STARTUP_SECONDS = 30.0
+"""How long :func:`serve` waits for its servers to start before it logs where they listen."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -133,6 +138,19 @@ def bound_port(server: uvicorn.Server) -> int:
     return port
 
 
+async def wait_started(servers: Mapping[uvicorn.Server, asyncio.Task[None]],
+                       seconds: float = STARTUP_SECONDS) -> bool:
+    """Wait until every server of ``servers`` (each with the task serving it) has started,
+    one of the tasks ended (a failed start), or ``seconds`` passed; True if all started."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not all(server.started for server in servers) and loop.time() < deadline:
+        if any(task.done() for task in servers.values()):
+            break
+        await asyncio.sleep(0.05)
+    return all(server.started for server in servers)
+
+
 async def serve(config: Config, listeners: Listeners,
                 extra_routes: Sequence[BaseRoute] = (), gateway: Gateway | None = None) -> None:
     """Run the gateway and its metrics server until drained (see the module docstring).
@@ -151,12 +169,7 @@ async def serve(config: Config, listeners: Listeners,
         lifespan="off", log_config=None, access_log=False, server_header=False))
     metrics_task = asyncio.create_task(serving_as("metrics", metrics.serve()))
     main_task = asyncio.create_task(serving_as("main", main.serve()))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while not (main.started and metrics.started) and loop.time() < deadline:
-        if main_task.done() or metrics_task.done():
-            break
-        await asyncio.sleep(0.05)
+    await wait_started({main: main_task, metrics: metrics_task})
     if main.started and metrics.started:
         log.info("gateway.listening", host=listeners.host, port=bound_port(main),
                  metrics_port=bound_port(metrics),
@@ -166,5 +179,35 @@ async def serve(config: Config, listeners: Listeners,
     finally:
         metrics.should_exit = True
         await metrics_task
+    if not main.started:
+        raise SystemExit(1)
+
+
+async def serve_worker(config: Config, sock: socket.socket,
+                       on_listening: Callable[[int], None]) -> None:
+    """Run one worker process of ``serve --workers N`` (:mod:`gateway.workers`) until drained.
+
+    The main app is served on ``sock`` — bound (not listening) by the caller with
+    ``SO_REUSEPORT`` on the replica's port, so the kernel spreads new connections over the
+    workers — and drains exactly as :func:`serve` does on SIGTERM/SIGINT (which the
+    supervisor forwards).  No metrics server: the metrics (``Metrics(process_metrics=False)``,
+    in prometheus-client's multiprocess mode) are served summed by the supervisor.
+    ``on_listening(port)`` is called once the socket accepts connections.
+
+    Raises:
+        SystemExit: 1 when the server could not start (the reason is logged).
+    """
+    gw = build_gateway(config, Metrics(process_metrics=False))
+    app = create_app(config, gw)
+    host, port = sock.getsockname()[:2]
+    main = DrainingServer(uvicorn_config(app, config, host, port), gw.registry,
+                          config.server.drain_seconds)
+    main_task = asyncio.create_task(serving_as("main", main.serve(sockets=[sock])))
+    if await wait_started({main: main_task}):
+        log.info("worker.listening", host=host, port=port, pid=os.getpid(),
+                 max_sessions=config.server.max_sessions,
+                 tls=config.server.tls_cert_file is not None)
+        on_listening(port)
+    await main_task
     if not main.started:
         raise SystemExit(1)
