@@ -10,6 +10,10 @@ gateway instead, on the first SIGTERM or SIGINT:
 
 A second signal skips the wait (step 3 at once).  The metrics server keeps
 answering until the main server is done, so the last scrape sees the drain.
+
+:func:`serve` is ``serve`` with one process; :func:`serve_worker` is one worker of
+``serve --workers N`` (:mod:`gateway.workers`): the same server and drain on a socket the
+worker bound with ``SO_REUSEPORT``, without a metrics server of its own.
 """
 
 from __future__ import annotations
