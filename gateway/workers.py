@@ -61,7 +61,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -185,7 +185,8 @@ def worker_config(config: Config, workers: int) -> Config:
 
 def bind_reuseport(host: str, port: int) -> socket.socket:
     """A TCP socket bound (not listening) to ``host:port`` with ``SO_REUSEADDR`` and
-    ``SO_REUSEPORT``; ``port`` 0 picks a free one (read it with ``getsockname()``).
+    ``SO_REUSEPORT``; ``port`` 0 picks a free one (read it with ``getsockname()``).  A host
+    name is bound at the first address it resolves to (``0.0.0.0``, ``::``, an IP: itself).
 
     Raises:
         OSError: the address cannot be resolved or bound (e.g. a process that did not set
@@ -382,8 +383,6 @@ class Slot:
     index: int
     process: asyncio.subprocess.Process | None = None
     listening: bool = False
-    pids: list[int] = field(default_factory=list)
-    """Every pid this index ran, oldest first."""
 
 
 class Supervisor:
@@ -461,7 +460,8 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.signal, sig)
             log.info("workers.starting", workers=len(self.slots), pid=os.getpid(),
-                     port=self.port, metrics_port=self.metrics_port)
+                     port=self.port, metrics_port=self.metrics_port,
+                     directory=str(self._directory))
             try:
                 await asyncio.gather(*(self._keep(slot, metrics_dir) for slot in self.slots))
             finally:
@@ -573,7 +573,6 @@ class Supervisor:
             os.close(write_fd)
         ready = await ReadyPipe.open(read_fd)
         slot.process = process
-        slot.pids.append(process.pid)
         log.info("worker.started", worker=slot.index, pid=process.pid)
         if self._stopping.is_set():  # a stop signal came while it was being started
             with contextlib.suppress(ProcessLookupError):

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -207,6 +208,9 @@ async def test_sigterm_drains_every_worker_then_the_supervisor_exits_0(
     await wait_for(lambda: gw.events("workers.stopped"), 5)
     assert [e["status"] for e in gw.events("worker.stopped")] == ["exit 0", "exit 0"]
     assert not gw.events("worker.restarting")
+    [starting] = gw.events("workers.starting")  # its metric files and config copy are gone
+    assert starting["directory"]
+    assert not await asyncio.to_thread(Path(starting["directory"]).exists)
 
 
 async def test_a_second_signal_cuts_every_drain_short(
@@ -243,13 +247,33 @@ async def test_more_than_one_worker_without_redis_is_refused_at_start(
     assert "redis" in message and "per process" in message and "--workers 1" in message
 
 
+async def test_a_port_held_by_another_program_is_refused_at_start(
+        emulator: Emulator, key_file: Path, tmp_path: Path, redis: RedisServer) -> None:
+    config = _config(emulator, key_file, tmp_path, redis)
+    with socket.socket() as taken:  # no SO_REUSEPORT: the port is not the gateway's to share
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2",
+            "--port", str(taken.getsockname()[1]), "--metrics-port", "0",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, UPSTREAM_KEY_ENV: UPSTREAM_KEY})
+        async with asyncio.timeout(30):
+            out, _ = await process.communicate()
+    assert process.returncode == 1
+    events = [json.loads(line)["event"] for line in out.decode().splitlines()
+              if line.startswith("{")]
+    assert events == ["workers.bind_failed"]  # before any worker or metrics server
+
+
 async def test_auto_runs_one_worker_per_available_cpu(
         emulator: Emulator, key_file: Path, tmp_path: Path, redis: RedisServer) -> None:
     config = _config(emulator, key_file, tmp_path, redis, server={"drain_seconds": 0})
     async with gateway_process(config, "--workers", "auto") as gw:
         expected = available_cpus()
-        assert gw.events("gateway.listening")[0]["workers"] == expected
-        assert sorted(worker_pids(gw)) == list(range(expected))
+        # one CPU: auto is one worker, i.e. the single process (no supervisor)
+        assert gw.events("gateway.listening")[0].get("workers", 1) == expected
+        assert sorted(worker_pids(gw)) == (list(range(expected)) if expected > 1 else [])
         gw.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await gw.process.wait() == 0
@@ -342,8 +366,12 @@ async def test_a_hangup_reaching_another_worker_ends_the_call(
             [held] = [e for e in gw.events("call.hangup") if e["worker"] == start["worker"]]
             assert held["cause"] == "client_hangup"
             assert emulator.calls()[0].hangups == 1
+            async def ended() -> bool:  # session.end (after call.hangup) has been accounted
+                return metric(await _scrape(gw), "realtime_gateway_sessions_total") == 1
+            await wait_for(ended, 5)
             text = await _scrape(gw)
             assert metric(text, "realtime_gateway_call_hangups_total",
                           cause="client_hangup") == 1
+            assert metric(text, "realtime_gateway_call_hangups_total") == 1
             assert metric(text, "realtime_gateway_sessions_active") == 0
             await caller.close()
