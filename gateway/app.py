@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
@@ -35,6 +35,7 @@ from gateway.registry import Registry
 from gateway.secrets_endpoint import ClientSecretsEndpoint
 from gateway.services import Services
 from gateway.session import handle
+from gateway.sidecar import metrics_app
 
 log = get_logger(__name__)
 
@@ -187,20 +188,6 @@ def _jwks_endpoint(issuer: DevIssuer) -> Any:
     return jwks
 
 
-class Renders(Protocol):
-    """What the metrics app serves: :class:`~gateway.metrics.Metrics`, or the supervisor's
-    sum over its workers (:class:`gateway.workers.ReplicaMetrics`)."""
-
-    def render(self) -> bytes:
-        """The text exposition format (``text/plain; version=0.0.4``)."""
-        ...
-
-
-def create_metrics_app(metrics: Renders) -> Starlette:
-    """The metrics port's app: exactly ``GET /metrics`` (no redirect to ``/metrics/``)."""
-
-    async def render(request: Request) -> Response:
-        return Response(metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return Starlette(routes=[Route("/metrics", render)])
+def create_metrics_app(metrics: Metrics) -> Starlette:
+    """The metrics port's app: exactly ``GET /metrics`` (:func:`gateway.sidecar.metrics_app`)."""
+    return metrics_app(metrics)

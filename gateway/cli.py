@@ -25,7 +25,6 @@ from gateway.config import Config, ConfigError, load_config, parse_config
 
 if TYPE_CHECKING:
     from gateway.devtls import DevCertificates
-    from gateway.server import Listeners
 
 DEFAULT_CONFIG_ENV = "REALTIME_GATEWAY_CONFIG"
 DEV_TENANT = "dev"
@@ -74,7 +73,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
-    from gateway.server import Listeners, serve
 
     path = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
     if not path:
@@ -97,28 +95,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or config.logging.level, config.logging.format,
                       secrets=_secrets_of(config))
     server = config.server
-    listeners = Listeners(
-        host=args.host or server.host,
-        port=server.port if args.port is None else args.port,
-        metrics_port=server.metrics_port if args.metrics_port is None else args.metrics_port,
-    )
+    host = args.host or server.host
+    port = server.port if args.port is None else args.port
+    metrics_port = server.metrics_port if args.metrics_port is None else args.metrics_port
     if args.workers > 1:
-        return _supervise(args, Path(path), config, listeners)
-    _run(serve(config, listeners))
+        # The supervisor of gateway.workers, on the standard asyncio loop (it moves no
+        # frames) and without the session pipeline loaded (gateway.server is not imported).
+        from gateway.workers import Supervisor
+
+        supervisor = Supervisor(Path(path), config, args.workers, host=host, port=port,
+                                metrics_port=metrics_port, log_level=args.log_level)
+        return asyncio.run(supervisor.run())
+    from gateway.server import Listeners, serve
+
+    _run(serve(config, Listeners(host=host, port=port, metrics_port=metrics_port)))
     return 0
-
-
-def _supervise(args: argparse.Namespace, path: Path, config: Config,
-               listeners: Listeners) -> int:
-    """``serve --workers N`` (N > 1): the supervisor of :mod:`gateway.workers`, on the
-    standard asyncio loop (it moves no frames; its subprocess handling is the reference
-    implementation's)."""
-    from gateway.workers import Supervisor
-
-    supervisor = Supervisor(path, config, args.workers, host=listeners.host,
-                            port=listeners.port, metrics_port=listeners.metrics_port,
-                            log_level=args.log_level)
-    return asyncio.run(supervisor.run())
 
 
 def _serve_worker(args: argparse.Namespace, path: str) -> int:

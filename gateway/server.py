@@ -19,11 +19,10 @@ worker bound with ``SO_REUSEPORT``, without a metrics server of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -38,13 +37,12 @@ from gateway.handoff import GatewayWebSocketProtocol, header_deadline_protocol
 from gateway.logs import get_logger, serving_as
 from gateway.metrics import Metrics
 from gateway.registry import Registry
+from gateway.sidecar import SidecarServer, bound_port, wait_started
 
 log = get_logger(__name__)
 
 CLOSE_GRACE_SECONDS = 10.0
 """After the 1012 closes are sent, how long to wait for the sessions to finish closing."""
-STARTUP_SECONDS = 30.0
-"""How long :func:`serve` waits for its servers to start before it logs where they listen."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -90,14 +88,6 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class SidecarServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the main server."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 @dataclass(frozen=True)
 class Listeners:
     """Where the servers listen; ports may be 0 (any free port)."""
@@ -134,25 +124,6 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
         ssl_keyfile=str(server.tls_key_file) if server.tls_key_file else None,
         timeout_graceful_shutdown=int(CLOSE_GRACE_SECONDS),
     )
-
-
-def bound_port(server: uvicorn.Server) -> int:
-    """The TCP port ``server`` listens on (useful when it was started on port 0)."""
-    port: int = server.servers[0].sockets[0].getsockname()[1]
-    return port
-
-
-async def wait_started(servers: Mapping[uvicorn.Server, asyncio.Task[None]],
-                       seconds: float = STARTUP_SECONDS) -> bool:
-    """Wait until every server of ``servers`` (each with the task serving it) has started,
-    one of the tasks ended (a failed start), or ``seconds`` passed; True if all started."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    while not all(server.started for server in servers) and loop.time() < deadline:
-        if any(task.done() for task in servers.values()):
-            break
-        await asyncio.sleep(0.05)
-    return all(server.started for server in servers)
 
 
 async def serve(config: Config, listeners: Listeners,

@@ -71,11 +71,10 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from gateway.app import create_metrics_app
 from gateway.config import Config
 from gateway.logs import get_logger, serving_as
 from gateway.metrics import PREFIX
-from gateway.server import CLOSE_GRACE_SECONDS, SidecarServer, bound_port, wait_started
+from gateway.sidecar import SidecarServer, bound_port, metrics_app, wait_started
 
 log = get_logger(__name__)
 
@@ -89,9 +88,10 @@ RESTART_MAX_SECONDS = 30.0
 """Longest backoff between restarts."""
 STABLE_SECONDS = 60.0
 """A worker that ran this long before it exited restarts after the first backoff again."""
-KILL_MARGIN_SECONDS = 2 * CLOSE_GRACE_SECONDS + 10
+KILL_MARGIN_SECONDS = 30.0
 """After a stop signal, ``drain_seconds`` plus this is how long workers may take to exit
-(their 1012 closes, uvicorn's graceful shutdown) before the supervisor kills them."""
+before the supervisor kills them: a worker's 1012 closes get up to 10 s
+(:data:`gateway.server.CLOSE_GRACE_SECONDS`), uvicorn's graceful shutdown 10 s more."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -446,7 +446,7 @@ class Supervisor:
             self._snapshot = self._directory / "config.yaml"
             shutil.copyfile(self.config_file, self._snapshot)
             metrics = SidecarServer(uvicorn.Config(
-                create_metrics_app(ReplicaMetrics(metrics_dir, self)), host=self.host,
+                metrics_app(ReplicaMetrics(metrics_dir, self)), host=self.host,
                 port=self.metrics_port, lifespan="off", log_config=None, access_log=False,
                 server_header=False))
             metrics_task = asyncio.create_task(serving_as("metrics", metrics.serve()))

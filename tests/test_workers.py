@@ -157,3 +157,13 @@ def test_every_line_of_a_worker_carries_its_index() -> None:
                           text=True, timeout=60, check=True)
     records = [json.loads(line) for line in done.stderr.splitlines()]
     assert [r["worker"] for r in records] == [3, 3, "explicit"]
+
+
+def test_the_supervisor_does_not_load_the_session_pipeline() -> None:
+    # Its memory is the pod's overhead: about 45 MiB rather than a gateway's 70.
+    code = ("import sys, gateway.workers, gateway.cli; "
+            "print(sorted(m for m in ('gateway.app', 'gateway.server', 'gateway.session', "
+            "'gateway.relay') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
