@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -301,6 +302,30 @@ async def test_a_crashed_worker_is_restarted(workers: GatewayProcess, key_file: 
     fresh = await _session(gw, key_file, reborn, "crash-2")  # the new worker serves
     await fresh.close()
     await survivor.close()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (no longer in /proc, or a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+        workers: GatewayProcess, key_file: Path) -> None:
+    gw = workers
+    pids = worker_pids(gw)
+    [starting] = gw.events("workers.starting")
+    gw.process.kill()  # no drain forwarded: the kernel tells the workers (PR_SET_PDEATHSIG)
+    try:
+        await wait_for(lambda: all(_gone(pid) for pid in pids.values()), 10)
+    finally:
+        for pid in pids.values():  # never leave a worker behind, whatever failed
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(shutil.rmtree, starting["directory"], True)
 
 
 @pytest.mark.slow  # three failed starts with backoff: about 6 s
