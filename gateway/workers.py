@@ -155,8 +155,12 @@ def refusal(config: Config, workers: int) -> str | None:
     """Why ``config`` cannot run ``workers`` processes (one line, for stderr), or ``None``.
 
     More than one worker needs ``redis:``: without it every worker would keep its own
-    in-process limits, so each tenant limit would hold per process, N times over.
+    in-process limits, so each tenant limit would hold per process, N times over.  It also
+    needs ``SO_REUSEPORT`` (Linux balances connections over such listeners; Windows has none).
     """
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        return (f"--workers {workers}: this platform has no SO_REUSEPORT to share the port; "
+                "run one worker (--workers 1)")
     if workers > 1 and config.redis is None:
         return (f"--workers {workers} needs redis: in the config: without it each worker "
                 "process keeps its own limits, so every limit would hold per process "
