@@ -97,6 +97,7 @@ const APPEND = Buffer.from(
   `{"type":"input_audio_buffer.append","event_id":"event_bench_append","audio":"${audio}"}`);
 const AUDIO_TAIL = Buffer.from(audio.slice(-32));
 const DELTA_TYPE = Buffer.from('"response.output_audio.delta"');
+const EVENT_ID_T = Buffer.from('"event_id":"t');
 const interval = 1000 / args.rate;
 const now = () => performance.now();
 
@@ -110,6 +111,10 @@ const rtt = new Histogram();
 // periodic stalls (timers, housekeeping) or spread out.
 const rttMaxBySecond = new Float64Array(Math.max(1, Math.ceil(args.durationSeconds)));
 const rttAll = new Histogram();
+// Slow round trips of the window with the wall-clock time of their send (epoch ms), so that
+// bench/probe.py can line them up with what the gateway was doing then (bounded).
+const SLOW_RTT_MS = 5;
+const slowRtts = [];
 const sendLag = new Histogram();
 const closeTime = new Histogram(); // our close() → 'close' event (the closing handshake)
 const handshakes = [];
@@ -161,7 +166,7 @@ function openSession(slot) {
     stats.received += 1;
     if (t >= windowStart && t < windowEnd) stats.receivedWindow += 1;
     if (isBinary) return;
-    const head = data.subarray(0, 48);
+    const head = data.subarray(0, 80);
     if (head.indexOf(DELTA_TYPE) >= 0) {
       stats.deltas += 1;
       const tail = data.subarray(data.length - 2 - AUDIO_TAIL.length, data.length - 2);
@@ -174,6 +179,14 @@ function openSession(slot) {
         rtt.record(ms);
         const second = Math.floor((sentAt - windowStart) / 1000);
         if (ms > rttMaxBySecond[second]) rttMaxBySecond[second] = ms;
+        if (ms > SLOW_RTT_MS && slowRtts.length < 20000) {
+          // [send, round trip, arrival at the upstream (event_id "t<epoch ms>", or null)]
+          const at = head.indexOf(EVENT_ID_T);
+          const arrived = at >= 0
+            ? Number(data.subarray(at + EVENT_ID_T.length, at + EVENT_ID_T.length + 15)) : NaN;
+          slowRtts.push([Math.round((performance.timeOrigin + sentAt) * 10) / 10,
+            Math.round(ms * 100) / 100, Number.isFinite(arrived) ? arrived : null]);
+        }
       }
     } else if (data.indexOf('"response.done"') >= 0) {
       stats.usageEvents += 1;
@@ -323,6 +336,7 @@ async function main() {
     rtt_ms: rtt.summary(),
     rtt_all_ms: rttAll.summary(),
     rtt_max_ms_by_second: Array.from(rttMaxBySecond, (v) => Math.round(v * 100) / 100),
+    slow_rtts: slowRtts,
     send_lag_ms: sendLag.summary(),
     close_ms: closeTime.summary(),
     handshake_ms: (() => {
@@ -335,7 +349,9 @@ async function main() {
     unexpected_closes: unexpectedCloses,
     max_buffered_bytes: stats.maxBuffered,
   });
-  process.exit(0);
+  // Exit once stdout has taken the report: a report larger than the pipe's buffer would be
+  // cut short by an immediate exit.
+  process.stdout.write('', () => process.exit(0));
 }
 
 main().catch((err) => {

@@ -64,6 +64,26 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (children, their children...), parents first: the
+    processes of a relay whose CPU, RSS and fds are summed (nginx master + worker, a gateway
+    supervisor + workers).  A snapshot: processes started later are not in it."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parents.setdefault(parent_pid(int(entry)), []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop(0)
+        found.append(current)
+        queue.extend(sorted(parents.get(current, [])))
+    return found
+
+
 def total_cpu_seconds(pids: Iterable[int]) -> float:
     """Sum of :func:`cpu_seconds` over ``pids``; processes already gone count 0."""
     total = 0.0

@@ -1,4 +1,4 @@
-"""The benchmark runner (issue 7): one command, one machine, loopback only, stops by itself.
+"""The benchmark runner (issues 7 and 16): one command, one machine, loopback only, bounded.
 
 ``python -m bench.run [--sessions 200] [--duration 20] ...`` (see ``--help`` and
 ``bench/README.md``).  It starts, each on a free loopback port and in a temporary
@@ -14,6 +14,11 @@ directory:
 and samples ``/proc`` around the load generator's measurement window.  Results go to
 ``bench/results/<UTC time>-<N>sessions.{json,md}`` and the table into ``bench/README.md``.
 
+``--repeat N`` runs the relays N times, interleaved, and judges the medians.
+``--upstream-tls`` makes the relay-to-upstream leg TLS (the echo upstream serves wss://
+with a certificate from a CA made for the run).  ``--sweep`` measures capacity (sessions
+per core at added p99 ≤ 10 ms); ``--throughput`` the highest msgs/s of 1 vs 2 gateway
+workers.  ``--gateway-workers N`` runs ``serve --workers N``.
 ``--soak`` runs the gateway alone for 10 minutes with session churn and usage events and
 checks RSS, open fds and the ``realtime_gateway_sessions_active`` gauge for growth.
 ``--profile`` adds a gateway run with py-spy attached during the window.
@@ -26,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
 import platform
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -49,7 +56,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import procfs
+from bench import procfs, sweep
 from bench.profile import (
     PerfSummary,
     parse_collapsed,
@@ -64,12 +71,15 @@ from bench.report import (
     RelayRun,
     SoakSample,
     Verdict,
-    bar,
+    bar_of,
     derived,
     markdown,
+    medians,
+    run_label,
     soak_markdown,
     soak_verdicts,
 )
+from bench.sweep import Capacity, SweepPoint
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -114,6 +124,19 @@ class Options:
     readme: Path | None = README
     label: str = ""
     keep_tmp: bool = False
+    repeat: int = 1
+    """Rounds of the relays (interleaved); the bar judges the medians."""
+    upstream_tls: bool = False
+    """The relay-to-upstream leg (and the direct path) is TLS."""
+    gateway_workers: int = 1
+    """``serve --workers N``; with N > 1 the gateway runs on cores 0..N-1."""
+    sweep: bool = False
+    throughput: bool = False
+    """A sweep of ``direct``, ``gateway-1w`` and ``gateway-2w`` (msgs/s at 1 vs 2 workers)."""
+    sweep_start: int = 200
+    sweep_step: int = 200
+    sweep_max: int = 1200
+    sweep_bisect: bool = True
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -157,8 +180,22 @@ class Pinning:
             f"py-spy to core {options.load_core}" if self.enabled
             else "no CPU pinning (taskset missing, fewer than 2 cores, or --no-pin)")
 
-    def relay(self) -> list[str]:
-        return ["taskset", "-c", str(self.relay_core)] if self.enabled else []
+    def relay(self, workers: int = 1) -> list[str]:
+        """The prefix for the relay: its core, or cores ``0..workers-1`` for a gateway
+        with several workers (then it shares core 0 with the load side)."""
+        if not self.enabled:
+            return []
+        return ["taskset", "-c", str(self.relay_core) if workers <= 1 else f"0-{workers - 1}"]
+
+    def relay_note(self, workers: int) -> str:
+        """Where a gateway of ``workers`` processes runs."""
+        if not self.enabled:
+            return f"{workers} worker(s), not pinned"
+        if workers <= 1:
+            return f"1 worker on core {self.relay_core}"
+        return (f"{workers} workers on cores 0-{workers - 1} (sharing core "
+                f"{self.load_core} with the load side); CPU summed over the supervisor and "
+                "its children; its numbers are not per core")
 
     def load(self) -> list[str]:
         return ["taskset", "-c", str(self.load_core)] if self.enabled else []
@@ -283,13 +320,34 @@ def redis_server(tmp: Path, pinning: Pinning) -> Iterator[tuple[Spawned, int]]:
         yield child, port
 
 
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """The PEM files of the TLS upstream leg: a CA made for the run
+    (:func:`gateway.devtls.create_certificates`: its key is discarded, its name constraints
+    allow only ``127.0.0.1`` and ``localhost``) and the echo upstream's leaf."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def upstream_tls_files(tmp: Path) -> UpstreamTLS:
+    """A fresh CA and server certificate for 127.0.0.1/localhost in ``tmp/tls``."""
+    from gateway.devtls import create_certificates
+
+    certs = create_certificates(tmp / "tls")
+    return UpstreamTLS(certs.ca_file, certs.cert_file, certs.key_file)
+
+
 @contextlib.contextmanager
-def echo_upstream(tmp: Path, pinning: Pinning, usage_every: int,
-                  max_seconds: float) -> Iterator[tuple[Spawned, int]]:
-    """``bench/upstream.mjs`` on a free port; yields it and its port."""
+def echo_upstream(tmp: Path, pinning: Pinning, usage_every: int, max_seconds: float,
+                  tls: UpstreamTLS | None = None) -> Iterator[tuple[Spawned, int]]:
+    """``bench/upstream.mjs`` on a free port (TLS with ``tls``); yields it and its port."""
     argv = [*pinning.load(), node(), str(BENCH_DIR / "upstream.mjs"), "--port", "0",
             "--usage-every", str(usage_every), "--max-seconds", str(int(max_seconds)),
             "--exit-on-stdin-close", "1"]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)]
     with spawn("upstream", argv, log=tmp / "upstream.log", stdin=True,
                stdout_pipe=True) as child:
         assert child.process.stdout is not None
@@ -316,7 +374,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
-            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_pass {scheme}://127.0.0.1:{upstream_port};{tls}
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
@@ -327,6 +385,18 @@ http {{
     }}
 }}
 """
+
+NGINX_TLS = """
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca_file};
+            proxy_ssl_verify_depth 1;
+            proxy_ssl_server_name on;
+            proxy_ssl_name localhost;
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;"""
+"""The upstream leg over TLS: verified against the run's CA.  nginx checks the name of the
+certificate against ``proxy_ssl_name`` with X509_check_host, which matches DNS names only,
+hence ``localhost`` (the leaf carries DNS localhost and IP 127.0.0.1); SNI is sent.
+Sessions are reused (``proxy_ssl_session_reuse``, nginx's default)."""
 
 
 @dataclass
@@ -341,21 +411,27 @@ class Target:
     process: Spawned | None = None
     redis_port: int | None = None
     log: Path | None = None
+    loadgen_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the load generator (``NODE_EXTRA_CA_CERTS`` for wss://)."""
 
 
 @contextlib.contextmanager
-def nginx_relay(tmp: Path, pinning: Pinning, upstream_port: int) -> Iterator[Target]:
-    """nginx as a plain process (not a service), config and files in ``tmp/nginx``."""
+def nginx_relay(tmp: Path, pinning: Pinning, upstream_port: int,
+                ca_file: Path | None = None) -> Iterator[Target]:
+    """nginx as a plain process (not a service), config and files in a fresh
+    ``tmp/nginx-*``; with ``ca_file`` it proxies to ``https://`` (:data:`NGINX_TLS`)."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
                                        else None)
     if binary is None:
         raise BenchError("nginx not found: apt-get install -y nginx, or pass --relays "
                          "direct,gateway")
-    home = tmp / "nginx"
+    home = tmp / f"nginx-{secrets.token_hex(3)}"
     home.mkdir()
     port = free_port()
     conf = home / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=home, port=port, upstream_port=upstream_port))
+    tls = NGINX_TLS.format(ca_file=ca_file) if ca_file is not None else ""
+    conf.write_text(NGINX_CONF.format(tmp=home, port=port, upstream_port=upstream_port,
+                                      scheme="https" if ca_file else "http", tls=tls))
     argv = [*pinning.relay(), binary, "-p", str(home), "-c", str(conf), "-e",
             str(home / "error.log")]
     with spawn("nginx", argv, log=home / "stderr.log") as child:
@@ -363,25 +439,30 @@ def nginx_relay(tmp: Path, pinning: Pinning, upstream_port: int) -> Iterator[Tar
         if not child.alive():
             raise BenchError(f"nginx exited:\n{child.log_tail()}")
         wait_until(lambda: bool(procfs.children(child.pid)), START_TIMEOUT, "nginx worker")
-        pids = [child.pid, *procfs.children(child.pid)]
+        pids = procfs.tree(child.pid)
         yield Target("nginx", f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}", pids,
                      process=child)
 
 
-def gateway_config(tmp: Path, upstream_port: int, redis_port: int, sessions: int) -> Path:
+def gateway_config(tmp: Path, upstream_port: int, redis_port: int, sessions: int,
+                   ca_file: Path | None = None) -> Path:
     """The gateway's config for the bench, written to ``tmp/gateway.yaml``.
 
     One tenant with a development issuer (``tmp/issuer.jwk.json``), Redis admission
     (``fail_mode: closed``, so a Redis problem shows as refusals), limits that every
     session checks but none reaches, and a token budget so usage events are charged.
+    With ``ca_file`` the upstream is ``wss://127.0.0.1`` trusting that CA only.
     """
+    upstream: dict[str, Any] = {
+        "provider": "openai", "api_key_env": UPSTREAM_KEY_ENV,
+        "url": f"{'wss' if ca_file else 'ws'}://127.0.0.1:{upstream_port}/v1/realtime"}
+    if ca_file is not None:
+        upstream["ca_file"] = str(ca_file)
     data = {
         "server": {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "drain_seconds": 0,
                    "max_sessions": max(1000, 2 * sessions)},
         "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "fail_mode": "closed"},
-        "upstreams": {"echo": {"provider": "openai",
-                               "url": f"ws://127.0.0.1:{upstream_port}/v1/realtime",
-                               "api_key_env": UPSTREAM_KEY_ENV}},
+        "upstreams": {"echo": upstream},
         "tenants": [{
             "id": "bench",
             "auth": {"issuer": ISSUER, "dev_issuer": {"key_file": str(tmp / "issuer.jwk.json")},
@@ -414,40 +495,61 @@ def mint_tokens(tmp: Path, count: int, ttl_seconds: float) -> Path:
     return path
 
 
+def serve_supports_workers() -> bool:
+    """Whether ``python -m gateway serve --help`` lists ``--workers`` (issue 16 adds it)."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=REPO_DIR)
+    return "--workers" in done.stdout
+
+
+def require_workers(workers: int) -> None:
+    """:class:`BenchError` when ``workers`` > 1 and ``serve`` has no ``--workers`` yet."""
+    if workers > 1 and not serve_supports_workers():
+        raise BenchError(
+            f"{workers} gateway workers need `python -m gateway serve --workers N`, which "
+            "this checkout's `serve --help` does not list (it lands with issue 16's workers "
+            "change); run with --gateway-workers 1, or without --throughput")
+
+
 @contextlib.contextmanager
-def gateway_relay(tmp: Path, pinning: Pinning, config: Path) -> Iterator[Target]:
-    """``python -m gateway serve --config <config>`` on free ports, ready (``/readyz``)."""
+def gateway_relay(tmp: Path, pinning: Pinning, config: Path, workers: int = 1,
+                  name: str = "gateway") -> Iterator[Target]:
+    """``python -m gateway serve --config <config>`` on free ports, ready (``/readyz``).
+
+    With ``workers`` > 1 it is ``serve --workers N`` (the workers share the main port with
+    SO_REUSEPORT, metrics are aggregated on the metrics port), pinned to cores 0..N-1, and
+    ready once N worker processes run as well.  Either way the target's pids are the
+    process tree (:func:`bench.procfs.tree`: the supervisor and its children, or the one
+    process), whose CPU, RSS and fds are summed as nginx's are.
+    """
     log = tmp / f"gateway-{secrets.token_hex(3)}.log"
     env = {**os.environ, UPSTREAM_KEY_ENV: secrets.token_urlsafe(24), "PYTHONUNBUFFERED": "1"}
-    argv = [*pinning.relay(), sys.executable, "-m", "gateway", "serve", "--config", str(config),
-            "--port", "0", "--metrics-port", "0"]
+    port, metrics_port = free_port(), free_port()
+    # BENCH_PROBE_OUT: run the gateway under bench/probe.py (stall evidence, issue 16).
+    probe = os.environ.get("BENCH_PROBE_OUT")
+    runner = ["-m", "bench.probe", "--out", probe, "--"] if probe else ["-m", "gateway"]
+    argv = [*pinning.relay(workers), sys.executable, *runner, "serve", "--config",
+            str(config), "--port", str(port), "--metrics-port", str(metrics_port),
+            *(["--workers", str(workers)] if workers > 1 else [])]
     with spawn("gateway", argv, log=log, env=env) as child:
-        listening: dict[str, Any] = {}
-
-        def started() -> bool:
-            if not child.alive():
-                return True
-            for line in log.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict) and record.get("event") == "gateway.listening":
-                        listening.update(record)
-                        return True
-            return False
-
-        wait_until(started, START_TIMEOUT, "gateway", interval=0.1)
-        if not child.alive():
-            raise BenchError(f"the gateway exited:\n{child.log_tail()}")
-        port, metrics_port = int(listening["port"]), int(listening["metrics_port"])
 
         def ready() -> bool:
+            if not child.alive():
+                return True
             with contextlib.suppress(httpx.HTTPError):
                 return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
             return False
 
-        wait_until(ready, START_TIMEOUT, "gateway /readyz", interval=0.1)
-        yield Target("gateway", f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}",
-                     [child.pid], f"http://127.0.0.1:{metrics_port}/metrics", child, log=log)
+        what = "gateway" + (f" ({workers} workers)" if workers > 1 else "")
+        wait_until(ready, START_TIMEOUT, f"{what} /readyz", interval=0.1)
+        if not child.alive():
+            raise BenchError(f"the gateway exited:\n{child.log_tail()}")
+        if workers > 1:
+            wait_until(lambda: len(procfs.children(child.pid)) >= workers, START_TIMEOUT,
+                       f"{workers} gateway workers")
+        yield Target(name, f"ws://127.0.0.1:{port}/v1/realtime?model={MODEL}",
+                     procfs.tree(child.pid), f"http://127.0.0.1:{metrics_port}/metrics", child,
+                     log=log)
 
 
 def scrape(metrics_url: str) -> dict[str, Any]:
@@ -587,8 +689,11 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
     cpu_start: dict[str, float] = {}
     cores_start: dict[int, procfs.CoreTimes] = {}
     next_sample = started
+    next_core = float("inf")
+    core_last: dict[int, procfs.CoreTimes] = {}
+    env = {**os.environ, **target.loadgen_env} if target.loadgen_env else None
     with spawn(f"loadgen-{target.name}", argv, log=tmp / f"loadgen-{target.name}.log",
-               stdin=True, stdout_pipe=True) as loadgen:
+               stdin=True, stdout_pipe=True, env=env) as loadgen:
         assert loadgen.process.stdout is not None and loadgen.process.stdin is not None
         reader = LineReader(loadgen.process.stdout)
         all_helpers = {**helpers.pids, "loadgen": loadgen.pid}
@@ -598,7 +703,20 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
             if soak_samples is not None and time.monotonic() >= next_sample and pids:
                 soak_samples.append(soak_sample(target, time.monotonic() - started))
                 next_sample += options.sample_every
-            line = reader.readline(1.0)
+            now = time.monotonic()
+            if "start" in window and "end" not in window and now >= next_core:
+                # per-second steal and busy time of the relay's core (stall evidence)
+                sample = procfs.core_times()
+                relay_core = pinning.relay_core if pinning.enabled else 0
+                before, after = core_last[relay_core], sample[relay_core]
+                hz = os.sysconf("SC_CLK_TCK")
+                run.relay_core_by_second.append({
+                    "steal_ms": round(1000 * (after.steal - before.steal) / hz, 1),
+                    "busy_ms": round(1000 * (after.busy - before.busy) / hz, 1)})
+                core_last = sample
+                next_core += 1.0
+            line = reader.readline(max(0.01, min(1.0, next_core - now))
+                                   if "start" in window and "end" not in window else 1.0)
             if line is None:
                 if reader.closed:
                     raise BenchError(f"the load generator against {target.name} exited:\n"
@@ -611,6 +729,8 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
             event = record.get("event")
             if event == "window_start":
                 window["start"] = time.monotonic()
+                next_core = window["start"] + 1.0
+                core_last = procfs.core_times()
                 run.cpu_seconds = procfs.total_cpu_seconds(pids) if pids else None
                 cpu_start = _cpu_of(all_helpers)
                 cores_start = procfs.core_times()
@@ -838,9 +958,10 @@ def machine() -> dict[str, Any]:
             "loadavg_at_start": procfs.loadavg()}
 
 
-def conditions(options: Options, pinning: Pinning, runs: dict[str, RelayRun],
+def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayRun]],
                info: dict[str, Any]) -> list[str]:
-    """Human-readable lines about how the runs were made and what may skew them."""
+    """Human-readable lines about how the runs were made and what may skew them
+    (``rounds``: one mapping relay → run per round, in the order they ran)."""
     lines = [
         f"{options.sessions} sessions x {options.rate:g} appends/s of {options.chunk_bytes} B "
         f"audio (20 ms PCM16 24 kHz, base64 in JSON); window {options.duration:g} s after "
@@ -849,23 +970,60 @@ def conditions(options: Options, pinning: Pinning, runs: dict[str, RelayRun],
            if options.usage_every else "pure echo (no usage events)"),
         pinning.note + f"; load average at start {info['machine']['loadavg_at_start']}",
     ]
-    for name, run in runs.items():
-        cores = ", ".join(f"core {c} {p:.0f} %" for c, p in sorted(run.core_busy_percent.items()))
-        steal = ", ".join(f"core {c} {p:.1f} %"
-                          for c, p in sorted(run.core_steal_percent.items()))
-        helpers = ", ".join(f"{k} {v:.0f} %" for k, v in run.helper_cpu_percent.items())
-        worst = max(run.loadgen.get("rtt_max_ms_by_second") or [0])
-        lines.append(f"{name}: busy {cores} (hypervisor steal {steal}); helpers' CPU "
-                     f"{helpers}; worst round trip {worst:.1f} ms")
-        lines += [f"{name}: WARNING {w}" for w in run.warnings]
-    gw = runs.get("gateway")
-    if gw and gw.gateway_metrics:
-        m = gw.gateway_metrics
-        phases = ", ".join(f"{k} {v:.2f} ms" for k, v in m.get("handshake_mean_ms", {}).items())
-        lines.append(f"gateway handshake phases (server-side means): {phases}; "
-                     f"tokens metered {m.get('tokens_total', 0):.0f}; "
-                     f"rejections {m.get('rejections') or 'none'}")
+    if options.gateway_workers > 1 and any("gateway" in runs for runs in rounds):
+        lines.append("gateway: " + pinning.relay_note(options.gateway_workers)
+                     + "; the bar is set for one "
+                     "worker on one core: shown for reference")
+    if options.upstream_tls:
+        lines.append(
+            "upstream leg TLS: the echo upstream serves https + ws (TLS 1.3) with a leaf of a "
+            "CA made for this run; direct dials wss:// trusting it (NODE_EXTRA_CA_CERTS), "
+            "nginx proxies to https:// with proxy_ssl_verify on (proxy_ssl_name localhost, "
+            "SNI, session reuse on: nginx's default), the gateway dials wss:// with "
+            "upstreams.echo.ca_file (one TLS context for all dials, no session reuse); the "
+            "load generator still talks plain ws:// to the relay")
+    if len(rounds) > 1:
+        lines.append(f"{len(rounds)} rounds run interleaved "
+                     f"({', '.join(rounds[0])}, {', '.join(rounds[0])}, ...), every relay "
+                     "started fresh for each run; the bar judges the medians")
+    for index, runs in enumerate(rounds):
+        for name, run in runs.items():
+            label = run_label(name, index, len(rounds))
+            cores = ", ".join(f"core {c} {p:.0f} %"
+                              for c, p in sorted(run.core_busy_percent.items()))
+            steal = ", ".join(f"core {c} {p:.1f} %"
+                              for c, p in sorted(run.core_steal_percent.items()))
+            helpers = ", ".join(f"{k} {v:.0f} %" for k, v in run.helper_cpu_percent.items())
+            worst = max(run.loadgen.get("rtt_max_ms_by_second") or [0])
+            lines.append(f"{label}: busy {cores} (hypervisor steal {steal}); helpers' CPU "
+                         f"{helpers}; worst round trip {worst:.1f} ms{stall_note(run)}")
+            lines += [f"{label}: WARNING {w}" for w in run.warnings]
+        gw = runs.get("gateway")
+        if gw and gw.gateway_metrics:
+            m = gw.gateway_metrics
+            phases = ", ".join(f"{k} {v:.2f} ms"
+                               for k, v in m.get("handshake_mean_ms", {}).items())
+            lines.append(f"{run_label('gateway', index, len(rounds))} handshake phases "
+                         f"(server-side means): {phases}; "
+                         f"tokens metered {m.get('tokens_total', 0):.0f}; "
+                         f"rejections {m.get('rejections') or 'none'}")
     return lines
+
+
+def stall_note(run: RelayRun, slow_ms: float = 10.0, stolen_ms: float = 10.0) -> str:
+    """How many seconds of the window had a round trip over ``slow_ms`` and how many of
+    those had at least ``stolen_ms`` of hypervisor steal on the relay's core (the stall
+    evidence of issue 16), or nothing when the run has no per-second readings."""
+    worst = run.loadgen.get("rtt_max_ms_by_second") or []
+    cores = run.relay_core_by_second
+    if not cores or not worst:
+        return ""
+    slow = [i for i, ms in enumerate(worst) if ms > slow_ms and i < len(cores)]
+    stolen = [i for i in slow if cores[i]["steal_ms"] >= stolen_ms]
+    total = sum(c["steal_ms"] for c in cores)
+    return (f"; {len(slow)} s with a round trip over {slow_ms:g} ms, {len(stolen)} of them "
+            f"with ≥ {stolen_ms:g} ms of steal on the relay core ({total:.0f} ms stolen in "
+            f"{len(cores)} s)")
 
 
 def timestamp() -> str:
@@ -909,70 +1067,311 @@ def scratch_dir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass
+class Bench:
+    """What every run of one benchmark shares: the scratch directory, pinning, tokens, the
+    gateway's config, the helpers (upstream, Redis) and the TLS files of the upstream leg."""
+
+    options: Options
+    tmp: Path
+    pinning: Pinning
+    tokens: Path
+    config: Path
+    helpers: Helpers
+    upstream_port: int
+    tls: UpstreamTLS | None
+
+    def workers(self, name: str) -> int:
+        """Gateway processes of relay ``name``: ``gateway-<N>w`` has N, ``gateway`` has
+        ``--gateway-workers``, the others 1."""
+        match = re.fullmatch(r"gateway-(\d+)w", name)
+        if match:
+            return int(match.group(1))
+        return self.options.gateway_workers if name == "gateway" else 1
+
+    def run(self, name: str, options: Options) -> RelayRun:
+        """Start relay ``name`` fresh, measure it under ``options``' load, stop it."""
+        scheme = "wss" if self.tls else "ws"
+        print(f"bench: {name}, {options.sessions} sessions, {options.duration:g} s"
+              + (", TLS upstream leg" if self.tls else ""), file=sys.stderr)
+        with contextlib.ExitStack() as stack:
+            if name == "direct":
+                target = Target("direct", f"{scheme}://127.0.0.1:{self.upstream_port}"
+                                f"/v1/realtime?model={MODEL}")
+                if self.tls:
+                    target.loadgen_env["NODE_EXTRA_CA_CERTS"] = str(self.tls.ca_file)
+            elif name == "nginx":
+                target = stack.enter_context(nginx_relay(
+                    self.tmp, self.pinning, self.upstream_port,
+                    self.tls.ca_file if self.tls else None))
+            else:
+                target = stack.enter_context(gateway_relay(
+                    self.tmp, self.pinning, self.config, self.workers(name), name))
+            return measure(target, options, self.tokens, self.helpers, self.tmp, self.pinning)
+
+
+def planned_seconds(options: Options) -> float:
+    """An upper estimate of the benchmark's wall time, s (printed before it starts)."""
+    def one(sessions: int) -> float:  # ramp + warm-up + window + start, drain, close
+        return max(0.5, sessions / 100) + options.warmup + options.duration + 6.0
+
+    if options.sweep or options.throughput:
+        counts = sweep.schedule(options.sweep_start, options.sweep_step, options.sweep_max)
+        relays = len(sweep_relays(options))
+        total = sum(one(n) * relays for n in counts)
+        if options.sweep_bisect:  # one bisection step per relay, with its direct run
+            total += 2 * (relays - 1) * one(counts[-1])
+        return total
+    total = one(options.sessions) * len(options.relays) * options.repeat
+    if options.profile:
+        total += one(options.sessions) + 30
+    return total
+
+
+def sweep_relays(options: Options) -> tuple[str, ...]:
+    """The relays a sweep runs: direct first (the floor), then the ones compared."""
+    if options.throughput:
+        return ("direct", "gateway-1w", "gateway-2w")
+    return ("direct", *(r for r in options.relays if r != "direct"))
+
+
 def run_benchmark(options: Options) -> Path:
-    """Run every relay of ``options`` (or the soak); write results; returns the Markdown path.
+    """Run every relay of ``options`` (``repeat`` rounds), or the sweep, or the soak; write
+    results; returns the Markdown path.
 
     Raises :class:`BenchError` when a run cannot be carried out.
     """
+    require_workers(2 if options.throughput else options.gateway_workers)
     ensure_node_modules()
     node()
+    raise_fd_limit()
     pinning = Pinning(options)
     info: dict[str, Any] = {"machine": machine(), "versions": versions(),
                             "started": timestamp()}
-    total = (options.ramp + options.warmup + options.duration + 120) * (len(options.relays) + 2)
+    planned = planned_seconds(options)
+    print(f"bench: planned at most {planned / 60:.1f} min", file=sys.stderr)
+    most = (max(options.sweep_max, options.sessions) if options.sweep or options.throughput
+            else options.sessions)
     with scratch_dir(options.keep_tmp) as tmp, contextlib.ExitStack() as stack:
+        tls = upstream_tls_files(tmp) if options.upstream_tls else None
         redis, redis_port = stack.enter_context(redis_server(tmp, pinning))
         upstream, upstream_port = stack.enter_context(
-            echo_upstream(tmp, pinning, options.usage_every, total))
+            echo_upstream(tmp, pinning, options.usage_every, 2 * planned + 600, tls))
         helpers = Helpers({"upstream": upstream.pid, "redis": redis.pid})
-        tokens = mint_tokens(tmp, options.sessions,
-                             ttl_seconds=max(3600.0, 2 * (options.duration + options.warmup)))
-        config = gateway_config(tmp, upstream_port, redis_port, options.sessions)
+        tokens = mint_tokens(tmp, most,
+                             ttl_seconds=max(3600.0, 2 * planned))
+        config = gateway_config(tmp, upstream_port, redis_port, most,
+                                tls.ca_file if tls else None)
         if options.soak:
             return _soak(options, pinning, info, tmp, tokens, config, helpers,
                          {redis_port: "redis", upstream_port: "upstream"})
-        runs: dict[str, RelayRun] = {}
-        for name in options.relays:
-            print(f"bench: {name}, {options.sessions} sessions, {options.duration:g} s",
-                  file=sys.stderr)
-            with contextlib.ExitStack() as relay_stack:
-                if name == "direct":
-                    target = Target("direct",
-                                    f"ws://127.0.0.1:{upstream_port}/v1/realtime?model={MODEL}")
-                elif name == "nginx":
-                    target = relay_stack.enter_context(nginx_relay(tmp, pinning, upstream_port))
-                else:
-                    target = relay_stack.enter_context(gateway_relay(tmp, pinning, config))
-                runs[name] = measure(target, options, tokens, helpers, tmp, pinning)
+        bench = Bench(options, tmp, pinning, tokens, config, helpers, upstream_port, tls)
+        if options.sweep or options.throughput:
+            return _sweep(bench, info)
+        rounds: list[dict[str, RelayRun]] = []
+        for _ in range(options.repeat):
+            rounds.append({name: bench.run(name, options) for name in options.relays})
+        figures = medians(rounds)
         profile_md = ""
         profile_summary: dict[str, Any] = {}
-        stem = f"{timestamp()}-{options.sessions}sessions{options.label}"
+        stem = f"{timestamp()}-{options.sessions}sessions{_suffix(options)}"
         if options.profile:
-            profile_md, profile_summary = _profile(options, pinning, tmp, tokens, config,
-                                                   helpers, runs.get("gateway"), stem)
-    title = (f"{options.sessions} sessions, {info['started']} "
-             f"({info['machine']['cpu']}, {info['machine']['cores']} cores)")
-    table = markdown(title, runs, conditions(options, pinning, runs, info))
+            profile_md, profile_summary = _profile(
+                options, pinning, tmp, tokens, config, helpers,
+                figures.get("gateway", {}).get("cpu_us_per_message"), stem)
+    table = markdown(_title(options, info), rounds, conditions(options, pinning, rounds, info))
     if profile_md:
         table += ("\n#### Where the gateway's CPU goes (py-spy and perf, separate run)\n\n"
                   + profile_md)
     payload = {
-        **info, "options": {k: str(v) if isinstance(v, Path) else v
-                            for k, v in asdict(options).items()},
-        "runs": {name: {**asdict(run), "derived": derived(run, runs.get("direct"))}
-                 for name, run in runs.items()},
-        "bar": [asdict(v) | {"verdict": v.label} for v in bar(runs)],
+        **info, "options": _options_json(options),
+        "repeat": options.repeat, "upstream_tls": options.upstream_tls,
+        "gateway_workers": options.gateway_workers,
+        "order": [[name, index] for index, runs in enumerate(rounds) for name in runs],
+        "runs": {name: [{"round": index, **asdict(runs[name]),
+                         "derived": derived(runs[name], runs.get("direct"))}
+                        for index, runs in enumerate(rounds)]
+                 for name in rounds[0]},
+        "medians": figures,
+        "bar": [asdict(v) | {"verdict": v.label} for v in bar_of(figures)],
         "profile": profile_summary,
     }
     md = write_results(options, stem, payload, table)
     if options.readme is not None:
-        update_readme(options.readme, f"sessions-{options.sessions}{options.label}",
+        update_readme(options.readme, f"sessions-{options.sessions}{_suffix(options)}",
                       table + f"\n(raw: `bench/results/{stem}.json`)\n")
     return md
 
 
+def _suffix(options: Options) -> str:
+    """The result-file and README-block suffix: ``-tls``, ``-<N>workers``, then ``--label``."""
+    return ("-tls" if options.upstream_tls else "") + (
+        f"-{options.gateway_workers}workers" if options.gateway_workers > 1 else "") + (
+        options.label)
+
+
+def _title(options: Options, info: dict[str, Any]) -> str:
+    leg = ", TLS upstream leg" if options.upstream_tls else ""
+    workers = (f", gateway {options.gateway_workers} workers"
+               if options.gateway_workers > 1 else "")
+    repeat = f", medians of {options.repeat} runs" if options.repeat > 1 else ""
+    return (f"{options.sessions} sessions{leg}{workers}{repeat}, {info['started']} "
+            f"({info['machine']['cpu']}, {info['machine']['cores']} cores)")
+
+
+def _options_json(options: Options) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft open-file limit to the hard one; the relays, the load
+    generator and the upstream inherit it (a 1,000-session sweep needs > 2,000 sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def sweep_point(run: RelayRun, direct: RelayRun | None, options: Options, workers: int,
+                direct_failed: bool) -> SweepPoint:
+    """A :class:`SweepPoint` of ``run`` (``direct``: the direct run at the same count)."""
+    d = derived(run, direct)
+    report = run.loadgen
+    return SweepPoint(
+        relay=run.name, sessions=run.sessions,
+        offered_appends_per_s=float(report.get("offered_appends_per_s",
+                                               options.rate * run.sessions)),
+        appends_per_s=float(report.get("appends_per_s", 0)),
+        messages_per_s=float(report.get("messages_per_s", 0)),
+        sessions_opened=int(report.get("sessions_opened", 0)),
+        rtt_p99_ms=d["rtt_p99_ms"], added_p99_ms=d["added_p99_ms"],
+        relay_cpu_percent=d["cpu_percent"],
+        load_core_busy_percent=run.core_busy_percent.get(options.load_core),
+        direct_failed=direct_failed, workers=workers)
+
+
+def _sweep(bench: Bench, info: dict[str, Any]) -> Path:
+    """The capacity sweep (``--sweep``) or the throughput comparison (``--throughput``):
+    see :mod:`bench.sweep`."""
+    options = bench.options
+    relays = sweep_relays(options)
+    counts = sweep.schedule(options.sweep_start, options.sweep_step, options.sweep_max)
+    print(f"bench: sweep {counts[0]}..{counts[-1]} sessions (step {options.sweep_step}) of "
+          f"{', '.join(relays)}; each relay stops at its first failure", file=sys.stderr)
+    points: list[SweepPoint] = []
+    runs: list[RelayRun] = []
+    directs: dict[int, tuple[RelayRun, SweepPoint]] = {}
+
+    def at(count: int) -> Options:
+        return dataclasses.replace(options, sessions=count, ramp=max(0.5, count / 100))
+
+    def direct_at(count: int) -> SweepPoint:
+        if count not in directs:
+            run = bench.run("direct", at(count))
+            runs.append(run)
+            point = sweep_point(run, None, options, 1, False)
+            points.append(point)
+            directs[count] = (run, point)
+        return directs[count][1]
+
+    def relay_at(name: str, count: int) -> SweepPoint:
+        floor = direct_at(count)
+        run = bench.run(name, at(count))
+        runs.append(run)
+        point = sweep_point(run, directs[count][0], options, bench.workers(name),
+                            not floor.passed)
+        points.append(point)
+        return point
+
+    racing = [r for r in relays if r != "direct"]
+    first_fail: dict[str, int] = {}
+    load_limit: int | None = None
+    for count in counts:
+        if not racing:
+            break
+        if not direct_at(count).passed:
+            load_limit = count
+            break
+        for name in list(racing):
+            point = relay_at(name, count)
+            if not point.passed:
+                racing.remove(name)
+                first_fail[name] = count
+    if options.sweep_bisect:
+        for name, failed_at in first_fail.items():
+            mine = [p for p in points if p.relay == name]
+            passes = [p.sessions for p in mine if p.passed]
+            failure = next(p for p in mine if p.sessions == failed_at)
+            middle = sweep.bisection(max(passes), failed_at) if passes else None
+            if middle is not None and failure.bound == "relay":
+                relay_at(name, middle)
+    capacities = {name: sweep.capacity(name, points, load_limit) for name in relays}
+    verdicts: list[Verdict] = []
+    if options.throughput:
+        one, two = capacities["gateway-1w"], capacities["gateway-2w"]
+        lines = [throughput_line(one, two)]
+        title = "Throughput: gateway 1 worker vs 2 workers (highest msgs/s at added p99 ≤ 10 ms)"
+    else:
+        lines = []
+        if "gateway" in capacities and "nginx" in capacities:
+            verdicts.append(sweep.ratio_verdict(capacities["gateway"], capacities["nginx"]))
+        title = "Capacity sweep: sessions per core at added p99 ≤ 10 ms"
+    leg = ", TLS upstream leg" if options.upstream_tls else ""
+    title += f"{leg}, {info['started']} ({info['machine']['cpu']}, " \
+             f"{info['machine']['cores']} cores)"
+    limited = [c.relay for c in capacities.values() if c.relay != "direct"
+               and c.bound == "load side"]
+    if load_limit is not None:
+        lines.append(f"the load side could not offer {load_limit} sessions (the direct path "
+                     "failed there: offered rate not reached or its own RTT p99 over 10 ms): the "
+                     "sweep was limited by the load side, not by the relays")
+    if limited:
+        lines.append(f"limited by the load side rather than by the relay: {', '.join(limited)}")
+    lines += [f"{options.duration:g} s windows after a ramp of sessions/100 s and "
+              f"{options.warmup:g} s warm-up; {options.rate:g} appends/s per session; counts "
+              f"{counts[0]}..{counts[-1]} step {options.sweep_step}"
+              + (", then one bisection step" if options.sweep_bisect else ""),
+              bench.pinning.note + f"; load average at start {info['machine']['loadavg_at_start']}"]
+    lines += [f"{r}: {bench.pinning.relay_note(bench.workers(r))}" for r in relays
+              if r.startswith("gateway")]
+    lines += [f"{run.name} at {run.sessions}: WARNING {w}" for run in runs for w in run.warnings]
+    table = sweep.sweep_markdown(title, points, capacities, verdicts, lines,
+                                 throughput=options.throughput)
+    kind = "throughput" if options.throughput else "sweep"
+    stem = f"{timestamp()}-{kind}{_suffix(options)}"
+    payload = {
+        **info, "options": _options_json(options), "kind": kind,
+        "upstream_tls": options.upstream_tls, "load_limit": load_limit,
+        "points": [asdict(p) | {"passed": p.passed, "bound": p.bound, "result": p.result}
+                   for p in points],
+        "capacity": {name: asdict(c) | {"sessions_per_core": c.sessions_per_core}
+                     for name, c in capacities.items()},
+        "verdicts": [asdict(v) | {"verdict": v.label} for v in verdicts],
+        "runs": [{**asdict(run), "derived": derived(run, directs.get(run.sessions, (None,))[0])}
+                 for run in runs],
+    }
+    md = write_results(options, stem, payload, table)
+    if options.readme is not None:
+        update_readme(options.readme, f"{kind}{_suffix(options)}",
+                      table + f"\n(raw: `bench/results/{stem}.json`)\n")
+    return md
+
+
+def throughput_line(one: Capacity, two: Capacity) -> str:
+    """The throughput comparison as one sentence."""
+    def text(c: Capacity) -> str:
+        bound = "" if c.exact else " (a lower bound: " + c.bound + ")"
+        msgs = "—" if c.messages_per_s is None else f"{c.messages_per_s:,.0f} msgs/s"
+        return f"{msgs} at {c.sessions or 0} sessions{bound}"
+
+    ratio = (f"{two.messages_per_s / one.messages_per_s:.2f} x"
+             if one.messages_per_s and two.messages_per_s else "—")
+    return (f"highest msgs/s at added p99 ≤ 10 ms: 1 worker {text(one)}; 2 workers "
+            f"{text(two)}; 2 workers / 1 worker = {ratio}")
+
+
 def _profile(options: Options, pinning: Pinning, tmp: Path, tokens: Path, config: Path,
-             helpers: Helpers, measured: RelayRun | None,
+             helpers: Helpers, measured_cpu_us: float | None,
              stem: str) -> tuple[str, dict[str, Any]]:
     """A gateway run with py-spy (and perf) attached over the window; Markdown + JSON."""
     print("bench: gateway under py-spy", file=sys.stderr)
@@ -986,8 +1385,10 @@ def _profile(options: Options, pinning: Pinning, tmp: Path, tokens: Path, config
     if not raw.exists():
         raise BenchError(f"py-spy wrote nothing: {errors.strip()[:500]}")
     summary = summarise(parse_collapsed(raw.read_text().splitlines()))
-    cpu = measured.cpu_us_per_message if measured else run.cpu_us_per_message
-    text = (f"µs per relayed message = share x {_fmt_us(cpu)} (the unprofiled gateway run); "
+    cpu = measured_cpu_us if measured_cpu_us is not None else run.cpu_us_per_message
+    source = ("the unprofiled gateway run" if options.repeat == 1
+              else f"the median of {options.repeat} unprofiled gateway runs")
+    text = (f"µs per relayed message = share x {_fmt_us(cpu)} ({source}); "
             f"the profiled run itself measured {_fmt_us(run.cpu_us_per_message)}.\n\n")
     text += profile_markdown(summary, cpu)
     perf = profiler.perf_summary()
@@ -1036,7 +1437,7 @@ def _soak(options: Options, pinning: Pinning, info: dict[str, Any], tmp: Path, t
     title = (f"Soak: {options.sessions} sessions, {options.duration:g} s after "
              f"{options.warmup:g} s warm-up, sessions live {options.session_lifetime:g} s, "
              f"{info['started']}")
-    lines = conditions(options, pinning, {"gateway": run}, info)
+    lines = conditions(options, pinning, [{"gateway": run}], info)
     lines.append(f"sessions opened in all: {run.loadgen.get('sessions_opened')}; the gateway "
                  "exports no asyncio task count: leaks are looked for in RSS, open fds and "
                  "the realtime_gateway_sessions_active gauge")
@@ -1099,6 +1500,31 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--label", default="", help="suffix for result file names")
     parser.add_argument("--keep-tmp", action="store_true",
                         help="keep the temporary directory (process logs, configs)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the relays, interleaved (direct, nginx, gateway, "
+                             "direct, ...), each relay started fresh; the report adds medians "
+                             "and the bar judges them (default 1)")
+    parser.add_argument("--upstream-tls", action="store_true",
+                        help="the relay-to-upstream leg over TLS: the echo upstream serves "
+                             "wss:// with a certificate of a CA made for the run")
+    parser.add_argument("--gateway-workers", type=int, default=1,
+                        help="run `serve --workers N`; N > 1 pins the gateway to cores 0..N-1 "
+                             "(default 1, on core 1)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="capacity sweep: direct, nginx and gateway at increasing session "
+                             "counts until added p99 > 10 ms or the offered rate is missed; "
+                             "reports sessions per core (<= 9 min at the defaults)")
+    parser.add_argument("--throughput", action="store_true",
+                        help="the sweep for the gateway with 1 and with 2 workers: highest "
+                             "msgs/s at added p99 <= 10 ms (needs serve --workers)")
+    parser.add_argument("--sweep-start", type=int, default=200,
+                        help="first session count of a sweep (default 200)")
+    parser.add_argument("--sweep-step", type=int, default=200,
+                        help="session count step of a sweep (default 200)")
+    parser.add_argument("--sweep-max", type=int, default=1200,
+                        help="the cap: last session count of a sweep (default 1200)")
+    parser.add_argument("--no-sweep-bisect", action="store_true",
+                        help="no bisection step after a relay's first failure")
     args = parser.parse_args(argv)
     relays = tuple(r for r in RELAYS if r in args.relays.split(","))
     unknown = set(args.relays.split(",")) - set(RELAYS)
@@ -1108,10 +1534,30 @@ def parse_args(argv: list[str] | None) -> Options:
     if sessions < 1:
         parser.error("--sessions must be >= 1")
     soak = bool(args.soak)
+    sweeping = bool(args.sweep or args.throughput)
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
+    if args.gateway_workers < 1:
+        parser.error("--gateway-workers must be >= 1")
+    if sweeping and (soak or args.repeat > 1 or args.profile or args.profile_native):
+        parser.error("--sweep/--throughput go without --soak, --repeat and --profile")
+    if soak and args.repeat > 1:
+        parser.error("--soak runs once: no --repeat")
+    if args.gateway_workers > 1 and (soak or args.profile or args.profile_native):
+        parser.error("--soak and --profile measure one gateway process: --gateway-workers 1")
+    if sweeping:
+        try:
+            sweep.schedule(args.sweep_start, args.sweep_step, args.sweep_max)
+        except ValueError as exc:
+            parser.error(f"--sweep-start/--sweep-step/--sweep-max: {exc}")
+    if sweeping and "direct" not in relays:
+        relays = ("direct", *relays)
+    default_duration, default_warmup = (540.0, 60.0) if soak else (
+        (8.0, 2.0) if sweeping else (20.0, 3.0))
     return Options(
         sessions=sessions, rate=args.rate, chunk_bytes=args.chunk_bytes,
-        duration=args.duration if args.duration is not None else (540.0 if soak else 20.0),
-        warmup=args.warmup if args.warmup is not None else (60.0 if soak else 3.0),
+        duration=args.duration if args.duration is not None else default_duration,
+        warmup=args.warmup if args.warmup is not None else default_warmup,
         ramp=args.ramp if args.ramp is not None else max(0.5, sessions / 100),
         usage_every=args.usage_every, relays=("gateway",) if soak else relays,
         pin=not args.no_pin, relay_core=args.relay_core, load_core=args.load_core,
@@ -1122,6 +1568,10 @@ def parse_args(argv: list[str] | None) -> Options:
         sample_every=10.0 if soak else 1.0,
         out_dir=args.out, readme=None if args.no_readme else README,
         label=f"-{args.label}" if args.label else "", keep_tmp=args.keep_tmp,
+        repeat=args.repeat, upstream_tls=args.upstream_tls,
+        gateway_workers=args.gateway_workers, sweep=args.sweep, throughput=args.throughput,
+        sweep_start=args.sweep_start, sweep_step=args.sweep_step, sweep_max=args.sweep_max,
+        sweep_bisect=not args.no_sweep_bisect,
     )
 
 

@@ -36,6 +36,7 @@ from gateway.secrets_endpoint import ClientSecretsEndpoint
 from gateway.services import Services
 from gateway.session import handle
 from gateway.sidecar import metrics_app
+from gateway.upstream import tls_contexts
 
 log = get_logger(__name__)
 
@@ -92,7 +93,8 @@ def build_gateway(config: Config, metrics: Metrics | None = None) -> Gateway:
         if tenant.limits.tokens_per_minute is not None:
             metrics.tenant_tokens_per_minute.labels(tenant.id).set(
                 tenant.limits.tokens_per_minute)
-    return assemble(Services(config, metrics, authenticator, limiter))
+    return assemble(Services(config, metrics, authenticator, limiter,
+                             upstream_tls=tls_contexts(config.upstreams)))
 
 
 def assemble(services: Services) -> Gateway:

@@ -36,8 +36,10 @@ import json
 import logging
 import re
 import secrets
+import ssl
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -320,6 +322,9 @@ class LiveCall:
         deadline = loop.time() + SIDEBAND_ATTACH_SECONDS
         target = UpstreamTarget(self.record.upstream, self._upstream, self.account.model)
         url = sideband_url(self._upstream, self.record.upstream_call_id)
+        context = self._calls.services.upstream_tls.get(self.record.upstream)
+        sideband_tls: dict[str, Any] = (
+            {"ssl": context} if context is not None and url.startswith("wss:") else {})
         socket: ClientConnection | None = None
         while socket is None:
             remaining = deadline - loop.time()
@@ -327,6 +332,7 @@ class LiveCall:
                 return SIDEBAND_UNAVAILABLE
             try:
                 socket = await connect(url, additional_headers=target.headers(),
+                                       **sideband_tls,
                                        user_agent_header=DEFAULT_USER_AGENT,
                                        open_timeout=remaining, compression=None,
                                        max_size=SIDEBAND_MAX_MESSAGE_BYTES,
@@ -391,12 +397,21 @@ class Calls:
         self.housekeeper = housekeeper
         self.store = store
         self.live: dict[str, LiveCall] = {}
-        self._http: httpx.AsyncClient | None = None
+        self._http: dict[Path | None, httpx.AsyncClient] = {}
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(follow_redirects=False)
-        return self._http
+    def _client(self, upstream: UpstreamConfig) -> httpx.AsyncClient:
+        """The HTTP client for ``upstream``'s calls endpoint: one per trusted CA bundle
+        (``ca_file``; ``None`` is the system store), made on first use.  Its TLS context is
+        its own: httpx sets ALPN on the context it is given, which the WebSocket dials'
+        shared context must not carry."""
+        client = self._http.get(upstream.ca_file)
+        if client is None:
+            verify: ssl.SSLContext | bool = (
+                ssl.create_default_context(cafile=str(upstream.ca_file))
+                if upstream.ca_file is not None else True)
+            client = httpx.AsyncClient(follow_redirects=False, verify=verify)
+            self._http[upstream.ca_file] = client
+        return client
 
     async def aclose(self) -> None:
         """End every live call (hung up upstream) and close the HTTP client and store."""
@@ -405,8 +420,9 @@ class Calls:
         tasks = [c.task for c in self.live.values() if c.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=HANGUP_TIMEOUT_SECONDS + 1)
-        if self._http is not None:
-            await self._http.aclose()
+        for client in self._http.values():
+            await client.aclose()
+        self._http.clear()
         await self.store.aclose()
 
     # -- POST /v1/realtime/calls -------------------------------------------------------------
@@ -494,7 +510,7 @@ class Calls:
         headers["Accept"] = "application/sdp"
         metrics = self.services.metrics
         try:
-            response = await self._client().post(
+            response = await self._client(upstream).post(
                 calls_url(upstream), headers=headers,
                 files={"sdp": (None, sdp.encode(), "application/sdp"),
                        "session": (None, json.dumps(session).encode(), "application/json")},
@@ -528,7 +544,7 @@ class Calls:
         target = UpstreamTarget("", upstream, "")
         url = f"{calls_url(upstream)}/{quote(upstream_call_id, safe='')}/hangup"
         try:
-            response = await self._client().post(
+            response = await self._client(upstream).post(
                 url, headers=dict(target.headers()), timeout=HANGUP_TIMEOUT_SECONDS)
         except httpx.HTTPError as exc:
             log.warning("call.hangup_failed", error=type(exc).__name__)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -185,7 +187,35 @@ class UpstreamConfig(_Model):
     connect_timeout_seconds: PositiveFloat = 10.0
     calls_url: str | None = None
     """WebRTC calls endpoint (CONTRACT §9); default: ``url`` with ``ws``→``http`` + ``/calls``."""
+    ca_file: Path | None = None
+    """A PEM bundle of the CA certificates trusted for this upstream's TLS certificate,
+    *instead of* the system store (a private CA, a TLS-inspecting egress proxy's CA);
+    ``None``: the system store.  ``wss://`` URLs only; a relative path is resolved against
+    the config file's directory.  Checked at load: the file must exist and hold at least
+    one PEM certificate that OpenSSL accepts."""
     _api_key: str = PrivateAttr(default="")
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_bundle(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir")
+        if not path.is_absolute() and isinstance(base_dir, Path):
+            path = base_dir / path
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist or is not a file")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(f"{path} is not a PEM bundle of CA certificates: {exc}") from None
+        return path
+
+    @model_validator(mode="after")
+    def _ca_file_for_tls(self) -> UpstreamConfig:
+        if self.ca_file is not None and urlsplit(self.url).scheme != "wss":
+            raise ValueError("ca_file applies to wss:// upstreams only")
+        return self
 
     @field_validator("calls_url")
     @classmethod
@@ -458,13 +488,13 @@ def is_loopback_host(host: str) -> bool:
 def parse_config(data: Any, environ: Mapping[str, str], base_dir: Path | None = None) -> Config:
     """Validate already-parsed YAML ``data`` into a :class:`Config`.
 
-    Relative file paths (``dev_issuer.key_file``, TLS files) are resolved against
-    ``base_dir``.  Raises :class:`ConfigError` listing every problem.
+    Relative file paths (``dev_issuer.key_file``, TLS files, ``upstreams.*.ca_file``) are
+    resolved against ``base_dir``.  Raises :class:`ConfigError` listing every problem.
     """
     if not isinstance(data, dict):
         raise ConfigError([("<root>", "the configuration must be a mapping")])
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError([(_dotted(e["loc"]), e["msg"]) for e in exc.errors()]) from None
     errors = _cross_check(config, environ)

@@ -54,6 +54,7 @@ import codecs
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal, Protocol, cast
 
 from websockets.exceptions import ProtocolError
@@ -99,6 +100,9 @@ _RESPONSE_DONE = RESPONSE_DONE_MARKER
 _TRANSCRIPTION_DONE = TRANSCRIPTION_DONE_MARKER
 _BAD_UTF8 = "invalid UTF-8 in text message"
 
+_NOTHING_LEFT = (b"", 0)
+"""What :meth:`_Side.consume` returns when every byte of the read was handled."""
+
 # What a client text message gets (:meth:`_ClientSide._text_verdict`); ``FORWARD`` is 0,
 # so the hot path tests it as false.
 FORWARD, REFUSED, INVALID = 0, 1, 2
@@ -132,6 +136,18 @@ class _MaskKeys:
 
 
 _KEYS = _MaskKeys()
+
+_framescan_module: ModuleType | None
+try:
+    import gateway._framescan as _framescan_module
+except ImportError:  # not compiled (see setup.py): the pure-Python frame loop does it all
+    _framescan_module = None
+FRAMESCAN: ModuleType | None = _framescan_module
+"""The C frame scan (``gateway/_framescan.c``) when it was built, else ``None``.  It takes
+the runs of frames that need no decision (final data frames under the cap, client text
+that is UTF-8 and not for the guard, upstream text that carries no usage) and stops at the
+first that does, which the Python loop below then handles as it would without it; tests
+set this to ``None`` to run the same cases through the pure-Python loop."""
 
 
 def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
@@ -502,6 +518,8 @@ class _ClientSide(_Side):
                  guard: Guard | None) -> None:
         super().__init__(relay, transport, max_message)
         self.guard = guard
+        self._guarded = (None, None) if guard is None else _GUARDED
+        """What the C frame scan stops at for the guard (nothing without one)."""
         self._fragments: list[tuple[bytes, bytes]] | None = None
         self._fragment_opcode = 0
         self._utf8: codecs.IncrementalDecoder | None = None
@@ -511,8 +529,25 @@ class _ClientSide(_Side):
         n = len(data)
         pos = 0
         out: list[bytes] = []
+        scan = FRAMESCAN
         try:
             while pos < n:
+                if scan is not None and self._fragments is None:
+                    keys = _KEYS
+                    if keys._pos + 4 > len(keys._pool):
+                        keys._pool, keys._pos = os.urandom(4096), 0
+                    pos, chunk, messages, size, keys._pos = scan.scan_client(
+                        data, pos, self.max_message, keys._pool, keys._pos, *self._guarded)
+                    if chunk is not None:
+                        relay.client_messages += messages
+                        relay.client_bytes += size
+                        if pos == n and not out:  # the whole read (the common case)
+                            if relay.forwarding:
+                                relay.upstream_write(chunk)
+                            return _NOTHING_LEFT
+                        out.append(chunk)
+                    if pos >= n:
+                        break
                 header = frame_header(data, pos, n, _MASKED,
                                       self.max_message - self.fragment_cost)
                 if header is None:
@@ -673,8 +708,20 @@ class _UpstreamSide(_Side):
         n = len(data)
         pos = 0
         run = 0  # start of the data frames not yet written to the client
+        scan = FRAMESCAN
         try:
             while pos < n:
+                if scan is not None and not self._in_message:
+                    pos, messages, size = scan.scan_upstream(
+                        data, pos, self.max_message, _RESPONSE_DONE, _TRANSCRIPTION_DONE)
+                    relay.upstream_messages += messages
+                    relay.upstream_bytes += size
+                    if pos == n and run == 0:  # the whole read (the common case)
+                        if relay.forwarding:
+                            relay.client_write(data)
+                        return _NOTHING_LEFT
+                    if pos >= n:
+                        break
                 header = frame_header(data, pos, n, 0, self.max_message - self.fragment_cost)
                 if header is None:
                     break

@@ -6,7 +6,9 @@ argument — never reached through a hub object or a module global.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from gateway.auth.authenticator import Authenticator
 from gateway.config import Config
@@ -22,3 +24,7 @@ class Services:
     metrics: Metrics
     authenticator: Authenticator
     limiter: Limiter
+    upstream_tls: Mapping[str, ssl.SSLContext] = field(default_factory=dict)
+    """One TLS client context per ``wss://`` upstream, by name
+    (:func:`gateway.upstream.tls_contexts`), shared by every dial of this process;
+    a missing entry makes the dial build its own context."""

@@ -187,7 +187,8 @@ async def _admit_and_dial(services: Services, request: HandshakeRequest, princip
         params=request.query, user_agent=request.header(b"user-agent"),
         openai_beta=None if beta else request.header(b"openai-beta"))
     try:
-        upstream = await dial(target, connect_timeout=upstream_config.connect_timeout_seconds)
+        upstream = await dial(target, connect_timeout=upstream_config.connect_timeout_seconds,
+                              tls=services.upstream_tls.get(route.upstream))
     except BaseException as exc:  # cancellation (handshake timeout) included: free the lease
         if isinstance(exc, GatewayError):
             phases.done("upstream_connect")

@@ -22,3 +22,22 @@ async def emulator() -> AsyncIterator[Emulator]:
 def key_file(tmp_path: Path) -> Path:
     """Where the test issuer's key is created on first use."""
     return tmp_path / "issuer" / "key.json"
+
+
+@pytest.fixture(params=["framescan", "pure-python"])
+def frame_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a relay test twice: with the C frame scan (``gateway/_framescan.c``) and with
+    the pure-Python frame loop it accelerates (``gateway.relay.FRAMESCAN = None``).
+
+    The C module must be there where it can be built: a C compiler and the Python headers
+    are on every machine that runs the README's install command (``.ci/run`` included),
+    so a missing module fails the test rather than skipping it.
+    """
+    from gateway import relay
+
+    if request.param == "pure-python":
+        monkeypatch.setattr(relay, "FRAMESCAN", None)
+    elif relay.FRAMESCAN is None:
+        pytest.fail("gateway._framescan is not built: run `pip install -e .` "
+                    "(setup.py compiles it; see README)")
+    return str(request.param)

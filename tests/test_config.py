@@ -228,3 +228,33 @@ def test_example_config_is_valid() -> None:
     config = load_config(example, environ)
     assert config.client_secrets is not None
     assert [kid for kid, _ in config.client_secrets.signing_keys] == ["2026-11", "2026-05"]
+
+
+def with_ca_file(value: Any, url: str = "wss://upstream.internal/v1/realtime") -> dict[str, Any]:
+    data = mutate("upstreams.openai.ca_file", value)
+    data["upstreams"]["openai"]["url"] = url
+    return data
+
+
+def test_upstream_ca_file_is_checked_and_resolved(tmp_path: Path) -> None:
+    from gateway.devtls import create_certificates
+
+    certs = create_certificates(tmp_path / "tls")
+    assert parse_config(valid(), ENV).upstreams["openai"].ca_file is None
+    config = parse_config(with_ca_file("tls/ca.pem"), ENV, base_dir=tmp_path)
+    assert config.upstreams["openai"].ca_file == certs.ca_file  # relative to the file's dir
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(with_ca_file("tls/ca.pem")))
+    loaded = load_config(tmp_path / "gateway.yaml", ENV)
+    assert loaded.upstreams["openai"].ca_file == certs.ca_file
+
+    (tmp_path / "junk.pem").write_text("-----BEGIN NOTHING-----\nxx\n")
+    for value, url, expected in [
+        ("missing.pem", "wss://h/v1/realtime", "does not exist"),
+        ("tls", "wss://h/v1/realtime", "does not exist or is not a file"),
+        ("junk.pem", "wss://h/v1/realtime", "is not a PEM bundle of CA certificates"),
+        ("tls/ca.pem", "ws://h/v1/realtime", "ca_file applies to wss:// upstreams only"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(with_ca_file(value, url), ENV, base_dir=tmp_path)
+        [(path, message)] = caught.value.errors
+        assert path.startswith("upstreams.openai") and expected in message, (path, message)

@@ -23,6 +23,8 @@ from gateway.relay import Relay, RelayResult
 from gateway.usage import TokenCounts
 from tests.support.gateway import wait_for
 
+pytestmark = pytest.mark.usefixtures("frame_loop")
+
 USAGE_EVENT = {"type": "response.done", "response": {"usage": {
     "total_tokens": 30, "input_tokens": 10, "output_tokens": 20,
     "input_token_details": {"audio_tokens": 10}, "output_token_details": {"audio_tokens": 20}}}}

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 from websockets.frames import Close, Frame, Opcode
 
 from gateway.relay import MAX_FRAGMENTS_PER_MESSAGE
 from tests.support.gateway import wait_for
 from tests.support.relay import Peer, loopback_relay, traced
+
+pytestmark = pytest.mark.usefixtures("frame_loop")
 
 EMPTY_CONTINUATION = bytes((0x00, 0x80, 0, 0, 0, 0))
 """A masked continuation frame with ``fin=0`` and no payload (6 bytes, key 0)."""
