@@ -35,6 +35,7 @@ from gateway.registry import Registry
 from gateway.secrets_endpoint import ClientSecretsEndpoint
 from gateway.services import Services
 from gateway.session import handle
+from gateway.sidecar import metrics_app
 from gateway.upstream import tls_contexts
 
 log = get_logger(__name__)
@@ -190,10 +191,5 @@ def _jwks_endpoint(issuer: DevIssuer) -> Any:
 
 
 def create_metrics_app(metrics: Metrics) -> Starlette:
-    """The metrics port's app: exactly ``GET /metrics`` (no redirect to ``/metrics/``)."""
-
-    async def render(request: Request) -> Response:
-        return Response(metrics.render(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return Starlette(routes=[Route("/metrics", render)])
+    """The metrics port's app: exactly ``GET /metrics`` (:func:`gateway.sidecar.metrics_app`)."""
+    return metrics_app(metrics)

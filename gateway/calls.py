@@ -552,12 +552,24 @@ class Calls:
         return response.is_success or response.status_code == 404
 
     async def finish(self, call: LiveCall, cause: SessionEnd) -> None:
-        """A call's end: hang up upstream, release the lease, close the account."""
+        """A call's end: forget its record, hang up upstream, release the lease, close the
+        account.
+
+        A call whose record is already gone from the store when its sideband ends was hung
+        up by its owner through another replica or worker (:meth:`hangup` deletes the record,
+        then hangs up upstream): it ends as ``client_hangup``, not as the upstream's end, and
+        is not hung up upstream a second time.
+        """
         services = self.services
         account = call.account
-        label = HANGUP_CAUSES.get(cause, cause.code)
+        removed = True
+        with contextlib.suppress(GatewayError):
+            removed = await self.store.delete(call.call_id)
+        elsewhere = not removed and cause in (UPSTREAM_ENDED, SIDEBAND_LOST)
+        if elsewhere:
+            cause = CLIENT_HANGUP
         hung_up = True
-        if cause is not UPSTREAM_ENDED:
+        if cause is not UPSTREAM_ENDED and not elsewhere:
             hung_up = await self._hang_up_upstream(
                 services.config.upstreams[call.record.upstream], call.record.upstream_call_id)
         self.registry.unregister(call)
@@ -565,8 +577,7 @@ class Calls:
         await self.housekeeper.settle(call)
         await account.settle(services.limiter)
         await services.limiter.release(account.lease)
-        with contextlib.suppress(GatewayError):
-            await self.store.delete(call.call_id)
+        label = HANGUP_CAUSES.get(cause, cause.code)
         services.metrics.call_hangups_total.labels(account.tenant.id, label).inc()
         log.info("call.hangup", call_id=call.call_id, session_id=account.lease.session_id,
                  tenant=account.tenant.id, cause=label, upstream_hung_up=hung_up)
@@ -590,7 +601,9 @@ class Calls:
                 live.end(CLIENT_HANGUP)
                 if live.task is not None:
                     await asyncio.shield(live.task)
-            elif await self.store.delete(call_id):  # another replica's call
+            elif await self.store.delete(call_id):  # another replica's or worker's call
+                # Deleted first: the process holding the call sees its sideband end with
+                # the record gone and ends it as client_hangup (see finish).
                 upstream = self.services.config.upstreams.get(record.upstream)
                 if upstream is not None:
                     await self._hang_up_upstream(upstream, record.upstream_call_id)

@@ -1,7 +1,11 @@
 """The ``realtime-gateway`` command line (CONTRACT §1).
 
 ``serve``, ``dev``, ``emulator``, ``token`` and ``check-config``.  Exit status 0 on
-success, 1 on a configuration error, 2 on a usage error (argparse).
+success, 1 on a configuration error (``serve --workers N`` also: N > 1 without ``redis:``,
+the port taken, or a worker that keeps failing to start), 2 on a usage error (argparse).
+
+``serve --workers N`` runs the supervisor of :mod:`gateway.workers` and N worker processes;
+with 1 (the default) ``serve`` runs the gateway in this process, as it always did.
 """
 
 from __future__ import annotations
@@ -70,27 +74,75 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
-    from gateway.server import Listeners, serve
 
     path = args.config or os.environ.get(DEFAULT_CONFIG_ENV)
     if not path:
         print(f"--config is required (or set {DEFAULT_CONFIG_ENV})", file=sys.stderr)
         return 2
+    if args.worker_index is not None:
+        return _serve_worker(args, path)
     try:
         config = load_config(path, os.environ)
     except ConfigError as exc:
         _print_errors(exc)
         return 1
+    if args.workers > 1:
+        from gateway.workers import refusal
+
+        reason = refusal(config, args.workers)
+        if reason is not None:
+            print(reason, file=sys.stderr)
+            return 1
     configure_logging(args.log_level or config.logging.level, config.logging.format,
                       secrets=_secrets_of(config))
     server = config.server
-    listeners = Listeners(
-        host=args.host or server.host,
-        port=server.port if args.port is None else args.port,
-        metrics_port=server.metrics_port if args.metrics_port is None else args.metrics_port,
-    )
+    host = args.host or server.host
+    port = server.port if args.port is None else args.port
+    metrics_port = server.metrics_port if args.metrics_port is None else args.metrics_port
+    if args.workers > 1:
+        # The supervisor of gateway.workers, on the standard asyncio loop (it moves no
+        # frames) and without the session pipeline loaded (gateway.server is not imported).
+        from gateway.workers import Supervisor
+
+        supervisor = Supervisor(Path(path), config, args.workers, host=host, port=port,
+                                metrics_port=metrics_port, log_level=args.log_level)
+        return asyncio.run(supervisor.run())
+    from gateway.server import Listeners, serve
+
     freeze_startup_objects()
-    _run(serve(config, listeners))
+    _run(serve(config, Listeners(host=host, port=port, metrics_port=metrics_port)))
+    return 0
+
+
+def _serve_worker(args: argparse.Namespace, path: str) -> int:
+    """One worker of ``serve --workers N``, started by its supervisor (hidden options)."""
+    from gateway.logs import configure_logging, get_logger
+    from gateway.server import serve_worker
+    from gateway.workers import WorkerSpec, bind_reuseport, worker_config
+
+    spec = WorkerSpec(args.worker_index, args.worker_count, args.worker_ready_fd,
+                      args.worker_supervisor_pid, Path(args.worker_config_snapshot))
+    problem = spec.check()
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
+    try:
+        config = load_config(spec.config_snapshot, os.environ,
+                             base_dir=Path(path).resolve().parent)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return 1
+    configure_logging(args.log_level or config.logging.level, config.logging.format,
+                      secrets=_secrets_of(config), fields={"worker": spec.index})
+    config = worker_config(config, spec.count)
+    try:
+        sock = bind_reuseport(args.host, args.port)
+    except OSError as exc:
+        get_logger(__name__).error("worker.bind_failed", host=args.host, port=args.port,
+                                   error=str(exc))
+        return 1
+    freeze_startup_objects()
+    _run(serve_worker(config, sock, spec.report_listening))
     return 0
 
 
@@ -246,6 +298,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(value: str) -> int:
+    """argparse type of ``--workers`` (:func:`gateway.workers.parse_workers`)."""
+    from gateway.workers import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realtime-gateway",
                                      description="WebSocket gateway for the OpenAI Realtime API")
@@ -258,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--metrics-port", type=int)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=_workers, default=1, metavar="N",
+                       help="gateway processes on the one port (SO_REUSEPORT), each a full "
+                            "gateway; 'auto' = the CPUs this process may use; more than 1 "
+                            "needs redis: in the config (default: 1)")
+    for hidden, kind in (("--worker-index", int), ("--worker-count", int),
+                         ("--worker-ready-fd", int), ("--worker-supervisor-pid", int),
+                         ("--worker-config-snapshot", str)):
+        serve.add_argument(hidden, type=kind, help=argparse.SUPPRESS)  # from the supervisor
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser("dev", help="run locally on 127.0.0.1 with a dev issuer")

@@ -525,12 +525,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return config.model_copy(update={"server": server, "tenants": tuple(tenants)})
 
 
-def load_config(path: str | Path, environ: Mapping[str, str]) -> Config:
+def load_config(path: str | Path, environ: Mapping[str, str], *,
+                base_dir: Path | None = None) -> Config:
     """Read and validate the YAML file at ``path`` (CONTRACT §2).
 
     ``environ`` supplies the variables named by ``api_key_env``,
-    ``client_secret_env`` and ``signing_key_env`` (pass ``os.environ``).  Raises
-    :class:`ConfigError` (also for an unreadable file or invalid YAML).
+    ``client_secret_env`` and ``signing_key_env`` (pass ``os.environ``).  Relative file
+    paths are resolved against ``base_dir``, by default the file's own directory (a worker
+    of ``serve --workers`` reads its supervisor's copy of the file, resolved as the
+    original).  Raises :class:`ConfigError` (also for an unreadable file or invalid YAML).
     """
     path = Path(path)
     try:
@@ -541,4 +544,5 @@ def load_config(path: str | Path, environ: Mapping[str, str]) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([("<file>", f"invalid YAML: {exc}")]) from None
-    return parse_config(data, environ, base_dir=path.resolve().parent)
+    return parse_config(data, environ,
+                        base_dir=path.resolve().parent if base_dir is None else base_dir)

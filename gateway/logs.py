@@ -28,6 +28,10 @@ The main and the metrics server both log through uvicorn's one logger
 from it carry ``server=<name>`` ("Started server process", "Uvicorn running on
 ...", "Shutting down", ...), one line per server.
 
+Under ``serve --workers N`` (:mod:`gateway.workers`) every line a worker writes carries
+``worker=<index>`` (the ``fields`` of :func:`configure_logging`), the gateway's own events
+and the stdlib records alike.
+
 Logging is process-wide by nature (:mod:`logging`); :func:`configure_logging`
 is called once, by the CLI.
 """
@@ -141,12 +145,26 @@ def _strip_queries(logger: Any, method: str, event: MutableMapping[str, Any]) ->
     return event
 
 
+class _Fields:
+    """structlog processor: add fixed ``fields`` (e.g. ``worker=1``) to every event that
+    does not set them itself."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self._fields = dict(fields)
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        for key, value in self._fields.items():
+            event.setdefault(key, value)
+        return event
+
+
 def _render_exc(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
     return structlog.processors.format_exc_info(logger, method, event)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", *, secrets: Iterable[str] = (),
-                      stream: TextIO | None = None) -> Redactor:
+                      stream: TextIO | None = None,
+                      fields: Mapping[str, Any] | None = None) -> Redactor:
     """Route structlog and stdlib logging through one redacting handler on ``stream``
     (default stderr).
 
@@ -154,6 +172,8 @@ def configure_logging(level: str = "info", fmt: str = "json", *, secrets: Iterab
         level: ``debug`` | ``info`` | ``warning`` | ``error`` for the gateway's own events.
         fmt: ``json`` (one object per line) or ``console`` (for humans).
         secrets: exact values to mask wherever they appear (configured keys).
+        fields: added to every line, unless the event sets the key itself (a worker's
+            ``{"worker": 1}``); never put a credential here.
     Returns:
         The redactor in use.
     """
@@ -165,6 +185,8 @@ def configure_logging(level: str = "info", fmt: str = "json", *, secrets: Iterab
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if fields:
+        shared.append(_Fields(fields))
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=False))
     formatter = structlog.stdlib.ProcessorFormatter(

@@ -7,6 +7,19 @@ known), never from user input or token claims.
 
 Per-frame counts are kept in the session and published here at most once a
 second and at close (see :mod:`gateway.relay`), never per frame.
+
+Under ``serve --workers N`` (:mod:`gateway.workers`) each worker process is started with
+``PROMETHEUS_MULTIPROC_DIR`` set, so prometheus-client keeps every value in a per-process
+file there, and the supervisor serves the sum on the metrics port.  Counters and
+histograms are summed over every worker that ever ran (an exited worker's files stay, so
+totals never go back).  Each gauge names how it aggregates (``multiprocess_mode``; ignored
+in a single process):
+
+* ``livesum`` — ``sessions_active``, ``protocol_sessions_active``: the sessions of the
+  workers alive now (a crashed worker's sessions are gone, so they stop counting);
+* ``livemax`` — ``draining``: 1 while any live worker drains (all drain together);
+* ``max`` — ``build_info``, ``tenant_max_sessions``, ``tenant_tokens_per_minute``: the same
+  value in every worker (a configured limit is the tenant's, not N times it).
 """
 
 from __future__ import annotations
@@ -38,7 +51,9 @@ class Metrics:
     ``tenant_tokens_per_minute{tenant}`` (configured limits, for the "near the tenant cap" and
     "token budget" alerts), ``protocol_sessions_active{protocol}`` and
     ``protocol_sessions_total{protocol}`` (``ga`` / ``beta``: how many beta-protocol clients
-    remain) and the standard process/platform collectors.
+    remain) and, with ``process_metrics``, the standard process/platform collectors (a
+    worker of ``serve --workers`` has none: its supervisor reports every worker's process
+    metrics, see :mod:`gateway.workers`).
 
     ``handshake_duration_seconds{phase="upstream_connect"}`` is observed on every dial,
     failed or not (its count is the error-ratio denominator); ``phase="total"`` once per 101.
@@ -49,15 +64,17 @@ class Metrics:
     Attribute names follow the metric names without the ``realtime_gateway_`` prefix.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, process_metrics: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        if process_metrics:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         r = self.registry
         p = PREFIX
         self.sessions_active = Gauge(
             f"{p}_sessions_active", "Live sessions (WebSocket relays and WebRTC calls).",
-            ["tenant", "model", "upstream", "transport"], registry=r)
+            ["tenant", "model", "upstream", "transport"], registry=r,
+            multiprocess_mode="livesum")
         self.sessions_total = Counter(
             f"{p}_sessions", "Established sessions that ended, by outcome "
             "(ok, token_expired, rate_limited, session_expired, shutting_down, upstream_error).",
@@ -99,20 +116,21 @@ class Metrics:
         self.client_secret_rejections_total = Counter(
             f"{p}_client_secret_rejections", "Client-secret requests refused, by error code.",
             ["tenant", "code"], registry=r)
-        self.draining = Gauge(f"{p}_draining", "1 while this replica drains.", registry=r)
+        self.draining = Gauge(f"{p}_draining", "1 while this replica drains.", registry=r,
+                              multiprocess_mode="livemax")
         self.build_info = Gauge(f"{p}_build_info", "Build information.", ["version"],
-                                registry=r)
+                                registry=r, multiprocess_mode="max")
         self.build_info.labels(version=__version__).set(1)
         self.tenant_max_sessions = Gauge(
             f"{p}_tenant_max_sessions", "Configured concurrent-session cap of each tenant.",
-            ["tenant"], registry=r)
+            ["tenant"], registry=r, multiprocess_mode="max")
         self.tenant_tokens_per_minute = Gauge(
             f"{p}_tenant_tokens_per_minute", "Configured token budget of each tenant.",
-            ["tenant"], registry=r)
+            ["tenant"], registry=r, multiprocess_mode="max")
         self.protocol_sessions_active = Gauge(
             f"{p}_protocol_sessions_active", "Live relayed sessions by client protocol "
             "(ga: verbatim relay; beta: translated to GA, CONTRACT §10).", ["protocol"],
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.protocol_sessions_total = Counter(
             f"{p}_protocol_sessions", "Sessions established, by client protocol (ga, beta).",
             ["protocol"], registry=r)

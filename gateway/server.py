@@ -10,14 +10,19 @@ gateway instead, on the first SIGTERM or SIGINT:
 
 A second signal skips the wait (step 3 at once).  The metrics server keeps
 answering until the main server is done, so the last scrape sees the drain.
+
+:func:`serve` is ``serve`` with one process; :func:`serve_worker` is one worker of
+``serve --workers N`` (:mod:`gateway.workers`): the same server and drain on a socket the
+worker bound with ``SO_REUSEPORT``, without a metrics server of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import signal
-from collections.abc import Generator, Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -25,12 +30,14 @@ import uvicorn
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from gateway.app import Gateway, create_app, create_metrics_app
+from gateway.app import Gateway, build_gateway, create_app, create_metrics_app
 from gateway.config import Config
 from gateway.errors import SHUTTING_DOWN
 from gateway.handoff import GatewayWebSocketProtocol, header_deadline_protocol
 from gateway.logs import get_logger, serving_as
+from gateway.metrics import Metrics
 from gateway.registry import Registry
+from gateway.sidecar import SidecarServer, bound_port, wait_started
 
 log = get_logger(__name__)
 
@@ -81,14 +88,6 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class SidecarServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the main server."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 @dataclass(frozen=True)
 class Listeners:
     """Where the servers listen; ports may be 0 (any free port)."""
@@ -127,12 +126,6 @@ def uvicorn_config(app: ASGIApp, config: Config, host: str, port: int) -> uvicor
     )
 
 
-def bound_port(server: uvicorn.Server) -> int:
-    """The TCP port ``server`` listens on (useful when it was started on port 0)."""
-    port: int = server.servers[0].sockets[0].getsockname()[1]
-    return port
-
-
 async def serve(config: Config, listeners: Listeners,
                 extra_routes: Sequence[BaseRoute] = (), gateway: Gateway | None = None) -> None:
     """Run the gateway and its metrics server until drained (see the module docstring).
@@ -151,12 +144,7 @@ async def serve(config: Config, listeners: Listeners,
         lifespan="off", log_config=None, access_log=False, server_header=False))
     metrics_task = asyncio.create_task(serving_as("metrics", metrics.serve()))
     main_task = asyncio.create_task(serving_as("main", main.serve()))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while not (main.started and metrics.started) and loop.time() < deadline:
-        if main_task.done() or metrics_task.done():
-            break
-        await asyncio.sleep(0.05)
+    await wait_started({main: main_task, metrics: metrics_task})
     if main.started and metrics.started:
         log.info("gateway.listening", host=listeners.host, port=bound_port(main),
                  metrics_port=bound_port(metrics),
@@ -166,5 +154,35 @@ async def serve(config: Config, listeners: Listeners,
     finally:
         metrics.should_exit = True
         await metrics_task
+    if not main.started:
+        raise SystemExit(1)
+
+
+async def serve_worker(config: Config, sock: socket.socket,
+                       on_listening: Callable[[int], None]) -> None:
+    """Run one worker process of ``serve --workers N`` (:mod:`gateway.workers`) until drained.
+
+    The main app is served on ``sock`` — bound (not listening) by the caller with
+    ``SO_REUSEPORT`` on the replica's port, so the kernel spreads new connections over the
+    workers — and drains exactly as :func:`serve` does on SIGTERM/SIGINT (which the
+    supervisor forwards).  No metrics server: the metrics (``Metrics(process_metrics=False)``,
+    in prometheus-client's multiprocess mode) are served summed by the supervisor.
+    ``on_listening(port)`` is called once the socket accepts connections.
+
+    Raises:
+        SystemExit: 1 when the server could not start (the reason is logged).
+    """
+    gw = build_gateway(config, Metrics(process_metrics=False))
+    app = create_app(config, gw)
+    host, port = sock.getsockname()[:2]
+    main = DrainingServer(uvicorn_config(app, config, host, port), gw.registry,
+                          config.server.drain_seconds)
+    main_task = asyncio.create_task(serving_as("main", main.serve(sockets=[sock])))
+    if await wait_started({main: main_task}):
+        log.info("worker.listening", host=host, port=port, pid=os.getpid(),
+                 max_sessions=config.server.max_sessions,
+                 tls=config.server.tls_cert_file is not None)
+        on_listening(port)
+    await main_task
     if not main.started:
         raise SystemExit(1)

@@ -28,7 +28,9 @@ import yaml
 from pydantic import BaseModel
 
 from gateway import config as gateway_config
+from gateway.cli import build_parser
 from gateway.config import ConfigError, parse_config
+from gateway.workers import parse_workers
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[ops]')")
@@ -465,6 +467,8 @@ def test_schema_objects_are_closed() -> None:
     pytest.param({"drain": {"preStopSleepSeconds": 0}}, id="zero-prestop"),
     pytest.param({"autoscaling": {"metric": "memory"}}, id="bad-hpa-metric"),
     pytest.param({"config": {"tenants": []}}, id="no-tenants"),
+    pytest.param({"workers": 0}, id="zero-workers"),
+    pytest.param({"workers": "all"}, id="bad-workers"),
 ])
 def test_schema_rejects_bad_values(values: Values) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
@@ -564,6 +568,17 @@ def test_pod_security_is_restricted(render: Renderer) -> None:
                 assert context["capabilities"]["drop"] == ["ALL"]
                 assert context.get("privileged", False) is False
                 assert "memory" in container["resources"]["limits"]
+
+
+@pytest.mark.parametrize(("workers", "args"), [
+    (1, []), (4, ["--workers", "4"]), ("auto", ["--workers", "auto"])])
+def test_workers_are_passed_to_serve(workers: int | str, args: list[str]) -> None:
+    values = {"workers": workers, "redis": {"url": "redis://redis:6379/0"}}
+    container = gateway_container(manifests(render_chart(CHART, values)))
+    assert container["args"] == ["serve", "--config", "/etc/realtime-gateway/config.yaml",
+                                 *args]
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.workers == (parse_workers(str(workers)))
 
 
 def test_gateway_pod_layout(render: Renderer) -> None:
@@ -706,6 +721,8 @@ def test_dashboards_become_sidecar_config_maps(tmp_path: Path) -> None:
     ({"metrics": {"port": 8080}}, "must differ"),
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas"),
     ({"redis": {"url": "redis://r:6379/0", "trial": {"enabled": True}}}, "exclusive"),
+    ({"workers": 2}, "needs Redis"),
+    ({"workers": "auto"}, "needs Redis"),
     ({"config": {"tenants": [{"id": "a", "auth": {"issuer": "https://a.test/",
                                                   "jwks_uri": "https://a.test/jwks"},
                               "models": {"m": {"upstream": "nope"}}}]}}, "unknown upstream"),

@@ -375,9 +375,16 @@ async def test_hangup_reaching_another_replica_ends_the_call(
                 hangup = await http.post(f"{second.http}{location}/hangup",
                                          headers={"Authorization": f"Bearer {token}"})
             assert (stranger.status_code, hangup.status_code) == (404, 200)
-            # The replica holding the call sees its sideband end and releases the lease.
+            # The replica holding the call sees its sideband end and releases the lease; the
+            # record already gone, it counts the caller's hang-up, not the upstream's end.
+            async def counted() -> bool:
+                return _metric(await _metrics(first), "realtime_gateway_call_hangups_total",
+                               cause="client_hangup") == 1
             await wait_for(lambda: not _live_calls(first), 10)
+            await wait_for(counted, 5)
             assert emulator.calls()[0].hangups == 1
+            assert _metric(await _metrics(first), "realtime_gateway_call_hangups_total",
+                           cause="upstream_ended") == 0
             await caller.close()
 
 

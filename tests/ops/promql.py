@@ -58,13 +58,14 @@ GATEWAY_METRICS: Final[Mapping[str, str]] = {
     "build_info": "gauge",
 }
 # Families the dashboard and alerts rely on beyond CONTRACT §6 (per-tenant limits as gauges,
-# sessions by client protocol: ga or beta).
+# sessions by client protocol: ga or beta; the supervisor of serve --workers: worker restarts).
 PROPOSED_METRICS: Final[Mapping[str, str]] = {
     "tenant_max_sessions": "gauge",
     "tenant_tokens_per_minute": "gauge",
     "protocol_sessions_active": "gauge",
     "protocol_sessions_total": "counter",
     "call_hangups_total": "counter",
+    "worker_restarts_total": "counter",
 }
 # Standard series: Prometheus' own `up`, prometheus-client's process collector, and the
 # kube-state-metrics families the alerts use.

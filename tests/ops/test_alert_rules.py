@@ -61,6 +61,7 @@ def test_expected_alerts_are_defined() -> None:
         "RealtimeGatewayTenantTokenBudgetExhausted",
         "RealtimeGatewayJWKSRefreshFailing",
         "RealtimeGatewayStuckDraining",
+        "RealtimeGatewayWorkerRestarts",
     }
 
 
@@ -263,6 +264,8 @@ def gateway_exposition(scrape: int) -> str:
         f'{p}tenant_tokens_per_minute{{tenant="acme"}} 400000',
         f'{p}tenant_tokens_per_minute{{tenant="globex"}} 100000',
     ])
+    family(f"{p}worker_restarts_total", "counter", "Worker restarts (serve --workers).",
+           [f"{p}worker_restarts_total 1"])
     family("process_cpu_seconds_total", "counter", "CPU seconds.",
            [f"process_cpu_seconds_total {0.5 * n}"])
     family("process_resident_memory_bytes", "gauge", "RSS.",

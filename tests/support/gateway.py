@@ -21,7 +21,8 @@ import uvicorn
 from gateway.app import Gateway, create_app, create_metrics_app
 from gateway.auth.dev_issuer import DevIssuer
 from gateway.config import DEFAULT_SCOPE, Config, parse_config
-from gateway.server import DrainingServer, bound_port, uvicorn_config
+from gateway.server import DrainingServer, uvicorn_config
+from gateway.sidecar import bound_port
 
 UPSTREAM_KEY = "emulator-upstream-key-0123456789"
 UPSTREAM_KEY_ENV = "TEST_UPSTREAM_KEY"

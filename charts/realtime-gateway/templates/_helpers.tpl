@@ -208,6 +208,9 @@ Checks the values a JSON schema cannot express; `fail` stops the render with the
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
+{{- if and (ne (toString .Values.workers) "1") (not (include "realtime-gateway.redisUrl" .)) }}
+{{- fail "workers other than 1 needs Redis (redis.url or redis.trial.enabled): without it each worker process would keep its own limits" }}
+{{- end }}
 {{- if and .Values.redis.url .Values.redis.trial.enabled }}
 {{- fail "redis.url and redis.trial.enabled are exclusive: use an external Redis or the trial one" }}
 {{- end }}
