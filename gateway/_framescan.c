@@ -340,14 +340,13 @@ scan_upstream(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
 
 /* -- Receiver: a side's data_received in C ---------------------------------------------- */
 
-/* Receiver(side, relay, fallback, write, client, room, needle_a, needle_b, urandom)
+/* Receiver(fallback, write, client, room, needle_a, needle_b, urandom)
  *
  * Installed as a relay side's ``data_received`` (an instance attribute, so uvloop and
- * asyncio call it without a Python frame).  A read is handled here, whole, when the side is
- * between frames (``side._chunks`` empty, no fragmented message: ``side._fragments is None``
- * for the client, ``not side._in_message`` for the upstream), has no pong to send
- * (``side._pong is None``), the relay is forwarding (``relay.forwarding``), and every
- * frame of the read is one the scan takes: then the frames go to ``write`` (the peer
+ * asyncio call it without a Python frame).  A read is handled here, whole, while
+ * ``active`` is true — the Python side keeps it true exactly while the side is between
+ * frames, has no fragmented message and no pong pending, and the relay is forwarding — and
+ * every frame of the read is one the scan takes: then the frames go to ``write`` (the peer
  * transport's: re-masked from the client, as read from the upstream) and the counters
  * ``messages``/``payload_bytes`` grow.  Anything else goes to ``fallback(data)`` — the
  * Python ``data_received`` — with nothing done here.  ``needle_a``/``needle_b``: the
@@ -356,22 +355,19 @@ scan_upstream(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
  */
 typedef struct {
     PyObject_HEAD
-    PyObject *side, *relay, *fallback, *write, *needle_a, *needle_b, *urandom, *pool;
+    PyObject *fallback, *write, *needle_a, *needle_b, *urandom, *pool;
     Py_ssize_t pool_pos;
     Py_ssize_t room;
     int client;
+    char active;
     long long messages, payload_bytes;
 } Receiver;
-
-static PyObject *str_chunks, *str_pong, *str_fragments, *str_in_message, *str_forwarding;
 
 #define POOL_BYTES 4096
 
 static int
 Receiver_traverse(Receiver *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->side);
-    Py_VISIT(self->relay);
     Py_VISIT(self->fallback);
     Py_VISIT(self->write);
     Py_VISIT(self->needle_a);
@@ -384,8 +380,6 @@ Receiver_traverse(Receiver *self, visitproc visit, void *arg)
 static int
 Receiver_clear(Receiver *self)
 {
-    Py_CLEAR(self->side);
-    Py_CLEAR(self->relay);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->write);
     Py_CLEAR(self->needle_a);
@@ -406,14 +400,13 @@ Receiver_dealloc(Receiver *self)
 static int
 Receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"side", "relay", "fallback", "write", "client", "room",
-                             "needle_a", "needle_b", "urandom", NULL};
-    PyObject *side, *relay, *fallback, *write, *needle_a, *needle_b, *urandom;
+    static char *kwlist[] = {"fallback", "write", "client", "room", "needle_a", "needle_b",
+                             "urandom", NULL};
+    PyObject *fallback, *write, *needle_a, *needle_b, *urandom;
     int client;
     Py_ssize_t room;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOpnOOO", kwlist, &side, &relay,
-                                     &fallback, &write, &client, &room, &needle_a, &needle_b,
-                                     &urandom))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOpnOOO", kwlist, &fallback, &write,
+                                     &client, &room, &needle_a, &needle_b, &urandom))
         return -1;
     if ((needle_a != Py_None && !PyBytes_Check(needle_a))
             || (needle_b != Py_None && !PyBytes_Check(needle_b))
@@ -429,10 +422,6 @@ Receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "room must be >= 0");
         return -1;
     }
-    Py_INCREF(side);
-    Py_XSETREF(self->side, side);
-    Py_INCREF(relay);
-    Py_XSETREF(self->relay, relay);
     Py_INCREF(fallback);
     Py_XSETREF(self->fallback, fallback);
     Py_INCREF(write);
@@ -447,41 +436,8 @@ Receiver_init(Receiver *self, PyObject *args, PyObject *kwds)
     self->pool_pos = 0;
     self->client = client;
     self->room = room;
+    self->active = 0;
     return 0;
-}
-
-/* 1 when the side's state lets this read be handled here, 0 when not, -1 on error. */
-static int
-side_is_between_frames(Receiver *self)
-{
-    int ok = 0;
-    PyObject *value = PyObject_GetAttr(self->relay, str_forwarding);
-    if (value == NULL)
-        return -1;
-    ok = value == Py_True;
-    Py_DECREF(value);
-    if (!ok)
-        return 0;
-    value = PyObject_GetAttr(self->side, str_chunks);
-    if (value == NULL)
-        return -1;
-    ok = PyList_CheckExact(value) && PyList_GET_SIZE(value) == 0;
-    Py_DECREF(value);
-    if (!ok)
-        return 0;
-    value = PyObject_GetAttr(self->side, str_pong);
-    if (value == NULL)
-        return -1;
-    ok = value == Py_None;
-    Py_DECREF(value);
-    if (!ok)
-        return 0;
-    value = PyObject_GetAttr(self->side, self->client ? str_fragments : str_in_message);
-    if (value == NULL)
-        return -1;
-    ok = self->client ? value == Py_None : value == Py_False;
-    Py_DECREF(value);
-    return ok;
 }
 
 static PyObject *
@@ -490,16 +446,11 @@ Receiver_call(Receiver *self, PyObject *args, PyObject *kwds)
     PyObject *data;
     if (kwds != NULL || !PyArg_UnpackTuple(args, "Receiver", 1, 1, &data))
         return NULL;
-    if (self->side == NULL) {
+    if (self->fallback == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Receiver not initialised");
         return NULL;
     }
-    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
-        return PyObject_CallOneArg(self->fallback, data);
-    int ok = side_is_between_frames(self);
-    if (ok < 0)
-        return NULL;
-    if (!ok)
+    if (!self->active || !PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
         return PyObject_CallOneArg(self->fallback, data);
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data), messages, payload_bytes, pos;
@@ -561,6 +512,8 @@ static PyMemberDef Receiver_members[] = {
      "messages forwarded by this receiver (the fallback's are counted in Python)"},
     {"payload_bytes", T_LONGLONG, offsetof(Receiver, payload_bytes), READONLY,
      "payload bytes of those messages"},
+    {"active", T_BOOL, offsetof(Receiver, active), 0,
+     "whether reads may be handled here (false: every read goes to the fallback)"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -597,13 +550,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__framescan(void)
 {
-    str_chunks = PyUnicode_InternFromString("_chunks");
-    str_pong = PyUnicode_InternFromString("_pong");
-    str_fragments = PyUnicode_InternFromString("_fragments");
-    str_in_message = PyUnicode_InternFromString("_in_message");
-    str_forwarding = PyUnicode_InternFromString("forwarding");
-    if (!str_chunks || !str_pong || !str_fragments || !str_in_message || !str_forwarding)
-        return NULL;
     if (PyType_Ready(&ReceiverType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

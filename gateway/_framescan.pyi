@@ -14,8 +14,9 @@ class Receiver:
 
     messages: int
     payload_bytes: int
+    active: bool
 
-    def __init__(self, side: object, relay: object, fallback: Callable[[bytes], None],
+    def __init__(self, fallback: Callable[[bytes], None],
                  write: Callable[[bytes], object], client: bool, room: int,
                  needle_a: bytes | None, needle_b: bytes | None,
                  urandom: Callable[[int], bytes]) -> None: ...

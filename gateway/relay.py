@@ -277,10 +277,21 @@ class _Side(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
+        self.fast: Receiver | None = None
+        """The C receiver that takes this side's reads when it can (:mod:`gateway._framescan`),
+        installed as :meth:`data_received` by :class:`Relay`; ``None`` without it."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        """A read, in Python (with the C frame scan built, only the reads its
+        :class:`~gateway._framescan.Receiver` leaves here; see :meth:`sync_fast`)."""
+        try:
+            self._receive(data)
+        finally:
+            self.sync_fast()
+
+    def _receive(self, data: bytes) -> None:
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
@@ -302,6 +313,19 @@ class _Side(asyncio.Protocol):
             self._chunks = [rest]
             self._have = len(rest)
             self._need = need
+
+    def between_messages(self) -> bool:
+        """No fragmented message is being received."""
+        raise NotImplementedError
+
+    def sync_fast(self) -> None:
+        """Let the C receiver (:attr:`fast`) take the next reads exactly while this side is
+        between frames and messages, has no pong pending and the relay forwards; called
+        after every state change that decides it (a Python read, a pong sent, the end)."""
+        fast = self.fast
+        if fast is not None:
+            fast.active = (not self._chunks and self._pong is None
+                           and self.relay.forwarding and self.between_messages())
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself; connection_lost follows
@@ -439,6 +463,7 @@ class _Side(asyncio.Protocol):
             payload, self._pong = self._pong, None
             assert payload is not None
             self.send_frame(OP_PONG, payload)
+            self.sync_fast()
 
     def count_fragment(self, size: int, length: int) -> None:
         """Charge one frame (``size`` header and ``length`` payload bytes) to the
@@ -650,6 +675,9 @@ class _ClientSide(_Side):
                 return REFUSED
         return FORWARD
 
+    def between_messages(self) -> bool:
+        return self._fragments is None
+
     def _fragmented_message_ends(self, out: list[bytes]) -> None:
         fragments = self._fragments
         assert fragments is not None
@@ -780,6 +808,9 @@ class _UpstreamSide(_Side):
     def _write(self, data: bytes, start: int, end: int) -> None:
         if start < end and self.relay.forwarding:
             self.relay.client_write(data if start == 0 and end == len(data) else data[start:end])
+
+    def between_messages(self) -> bool:
+        return not self._in_message
 
     def _message_ends(self) -> None:
         relay = self.relay
@@ -936,16 +967,16 @@ class Relay:
         scan = FRAMESCAN
         if scan is not None:  # each side's reads go to C first (gateway/_framescan.c)
             self._receivers = (
-                scan.Receiver(self._client, self, MethodType(_Side.data_received, self._client),
-                              upstream.write, True, max_client_message,
-                              *self._client._guarded, os.urandom),
-                scan.Receiver(self._upstream, self,
-                              MethodType(_Side.data_received, self._upstream), client.write,
+                scan.Receiver(MethodType(_Side.data_received, self._client), upstream.write,
+                              True, max_client_message, *self._client._guarded, os.urandom),
+                scan.Receiver(MethodType(_Side.data_received, self._upstream), client.write,
                               False, max_upstream_message, _RESPONSE_DONE,
                               _TRANSCRIPTION_DONE, os.urandom))
             for side, receiver in zip((self._client, self._upstream), self._receivers,
                                       strict=True):
+                side.fast = receiver
                 setattr(side, "data_received", receiver)  # noqa: B010 - shadows the method
+                side.sync_fast()
         self._upstream_buffered = upstream_buffered
         self._upstream_lost = upstream_lost
         self._started = False
@@ -1007,6 +1038,8 @@ class Relay:
             return
         self._result.set_result(result)
         self.forwarding = False
+        self._client.sync_fast()
+        self._upstream.sync_fast()
         client, upstream = self._client, self._upstream
         if result.initiator == "client":
             upstream.send_close(CLIENT_GONE_CODE, "client went away")
