@@ -5,6 +5,7 @@ is lost inside a limiter call (defect D5); and the lease release at a session's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import time
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from gateway.accounting import Account
 from gateway.auth.authenticator import Principal
 from gateway.config import LimitsConfig
 from gateway.errors import BUDGET_EXHAUSTED, SLOW_CONSUMER, SessionEnd
-from gateway.housekeeping import Housekeeper
+from gateway.housekeeping import TICK_SLICE, Housekeeper
 from gateway.limits.base import Balance, Lease
 from gateway.metrics import Metrics
 from gateway.registry import Registry
@@ -289,3 +290,40 @@ async def test_settle_without_a_renewal_in_flight_returns_at_once() -> None:
     live = rig.add("a", "s1")
     rig.registry.unregister(live)
     await asyncio.wait_for(rig.keeper.settle(live), 0.5)
+
+
+async def test_a_tick_over_many_sessions_lets_the_loop_run_between_slices() -> None:
+    """The relay's frames are callbacks of the same loop: a tick must not hold it for all
+    sessions at once (at 200 sessions that was 3-10 ms every second, bench/probe.py)."""
+    rig = Rig(RecordingLimiter())
+    lives = [rig.add("a", f"s{i}") for i in range(5 * TICK_SLICE)]
+    published: list[int] = []
+    seen: list[int] = []
+    for i, live in enumerate(lives):
+        live.publish_counters = functools.partial(  # type: ignore[method-assign]
+            published.append, i)
+
+    def frame() -> None:  # what a relay callback would do meanwhile
+        seen.append(len(published))
+        if len(seen) < 10:
+            asyncio.get_running_loop().call_soon(frame)
+
+    asyncio.get_running_loop().call_soon(frame)
+    await rig.keeper.tick()
+    assert len(published) == len(lives)
+    inside = [n for n in seen if 0 < n < len(lives)]
+    assert inside and max(b - a for a, b in zip([0, *inside], inside, strict=False)) <= TICK_SLICE
+
+
+async def test_a_session_that_ends_while_a_tick_yields_is_left_alone() -> None:
+    rig = Rig(RecordingLimiter())
+    lives = [rig.add("a", f"s{i}") for i in range(2 * TICK_SLICE)]
+    order = list(rig.registry.sessions)
+    late = order[TICK_SLICE + 1]
+    published: list[object] = []
+    for live in lives:
+        live.publish_counters = functools.partial(  # type: ignore[method-assign]
+            published.append, live)
+    asyncio.get_running_loop().call_soon(rig.registry.unregister, late)
+    await rig.keeper.tick()
+    assert late not in published and len(published) == len(lives) - 1
