@@ -5,8 +5,8 @@ is lost inside a limiter call (defect D5); and the lease release at a session's 
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import time
 from types import SimpleNamespace
 from typing import Any, cast
