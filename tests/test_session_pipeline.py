@@ -8,6 +8,7 @@ lease bookkeeping is the production code's.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -110,7 +111,8 @@ async def _connected(target: UpstreamTarget) -> Any:
 
 
 def use_dial(monkeypatch: pytest.MonkeyPatch, rig: Rig, dial: Dial) -> None:
-    async def recording(target: UpstreamTarget, *, connect_timeout: float) -> Any:
+    async def recording(target: UpstreamTarget, *, connect_timeout: float,
+                        tls: ssl.SSLContext | None = None) -> Any:
         rig.dials.append(target)
         return await dial(target)
     monkeypatch.setattr("gateway.session.dial", recording)
