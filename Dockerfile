@@ -16,12 +16,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 # A virtualenv without pip: the final image gets the gateway and its dependencies only.
 RUN python -m venv --without-pip /opt/venv
-COPY pyproject.toml README.md ./
+# A C compiler for the gateway's own extension (gateway/_framescan.c, the relay's frame
+# scan) in this stage only; Debian's stable gcc of the pinned base image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
-# Only binary wheels for the dependencies (uvloop, httptools, cryptography, pydantic-core...):
-# no compiler is needed, and none reaches the final image.
+# Only binary wheels for the dependencies (uvloop, httptools, cryptography, pydantic-core...);
+# the build fails if the frame scan did not compile (the relay would fall back to Python).
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --only-binary=:all: . \
-    && /opt/venv/bin/python -c "import gateway.config"
+    && /opt/venv/bin/python -c "import gateway.config, gateway._framescan"
 
 FROM python:3.11.14-slim-trixie AS runtime
 LABEL org.opencontainers.image.title="realtime-gateway" \
