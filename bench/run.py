@@ -771,7 +771,7 @@ def measure(target: Target, options: Options, tokens: Path, helpers: Helpers, tm
                 loadgen.process.stdin.write(b"close\n")
                 loadgen.process.stdin.flush()
             elif event == "report":
-                run.loadgen = {k: v for k, v in record.items() if k != "event"}
+                run.loadgen = keep_slowest({k: v for k, v in record.items() if k != "event"})
             elif event == "error":
                 raise BenchError(f"load generator: {record.get('message')}")
             elif event == "progress":
@@ -1017,6 +1017,22 @@ def conditions(options: Options, pinning: Pinning, rounds: list[dict[str, RelayR
                          f"tokens metered {m.get('tokens_total', 0):.0f}; "
                          f"rejections {m.get('rejections') or 'none'}")
     return lines
+
+
+SLOW_RTTS_KEPT = 200
+"""Slow round trips a result file keeps (the slowest); a probe run keeps them all."""
+
+
+def keep_slowest(report: dict[str, Any]) -> dict[str, Any]:
+    """The load generator's report with ``slow_rtts`` cut to the :data:`SLOW_RTTS_KEPT`
+    slowest (``slow_rtts_total`` says how many there were), unless the gateway runs under
+    the stall probe (``BENCH_PROBE_OUT``), whose analysis lines every one up."""
+    slow = report.get("slow_rtts") or []
+    report["slow_rtts_total"] = len(slow)
+    if not os.environ.get("BENCH_PROBE_OUT") and len(slow) > SLOW_RTTS_KEPT:
+        report["slow_rtts"] = sorted(slow, key=lambda row: row[1], reverse=True)[
+            :SLOW_RTTS_KEPT]
+    return report
 
 
 def stall_note(run: RelayRun, slow_ms: float = 10.0, stolen_ms: float = 10.0) -> str:
