@@ -495,22 +495,6 @@ def mint_tokens(tmp: Path, count: int, ttl_seconds: float) -> Path:
     return path
 
 
-def serve_supports_workers() -> bool:
-    """Whether ``python -m gateway serve --help`` lists ``--workers`` (issue 16 adds it)."""
-    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"],
-                          capture_output=True, text=True, timeout=60, check=False, cwd=REPO_DIR)
-    return "--workers" in done.stdout
-
-
-def require_workers(workers: int) -> None:
-    """:class:`BenchError` when ``workers`` > 1 and ``serve`` has no ``--workers`` yet."""
-    if workers > 1 and not serve_supports_workers():
-        raise BenchError(
-            f"{workers} gateway workers need `python -m gateway serve --workers N`, which "
-            "this checkout's `serve --help` does not list (it lands with issue 16's workers "
-            "change); run with --gateway-workers 1, or without --throughput")
-
-
 @contextlib.contextmanager
 def gateway_relay(tmp: Path, pinning: Pinning, config: Path, workers: int = 1,
                   name: str = "gateway") -> Iterator[Target]:
@@ -1166,7 +1150,6 @@ def run_benchmark(options: Options) -> Path:
 
     Raises :class:`BenchError` when a run cannot be carried out.
     """
-    require_workers(2 if options.throughput else options.gateway_workers)
     ensure_node_modules()
     node()
     raise_fd_limit()

@@ -171,16 +171,18 @@ def test_a_two_step_sweep_reports_capacity(tmp_path: Path) -> None:
         assert verdict["verdict"] in ("PASS", "FAIL", "n/a")
 
 
-def test_more_workers_than_serve_supports_is_a_clear_error(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, check=False)
-    if "--workers" in done.stdout:
-        pytest.skip("serve --workers exists: the guard has nothing to refuse")
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", *TINY, "--gateway-workers", "2", "--out",
-         str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 1
-    assert "serve --workers" in done.stderr and "--gateway-workers 1" in done.stderr
+def test_a_gateway_of_two_workers_is_measured_as_one_process_tree(tmp_path: Path) -> None:
+    """``--gateway-workers 2``: the bench starts ``serve --workers 2`` and sums CPU and
+    memory over the supervisor and both workers."""
+    _bench(tmp_path, "--gateway-workers", "2")
+    [result] = tmp_path.glob("*sessions-2workers.json")
+    data = json.loads(result.read_text())
+    [gateway] = data["runs"]["gateway"]
+    report = gateway["loadgen"]
+    assert report["sessions_opened"] == 2 and report["handshake_failures"] == {}
+    assert report["deltas"] > 0 and report["unexpected_closes"] == {}
+    assert gateway["gateway_metrics"]["tokens_total"] > 0  # summed on the supervisor's port
+    assert gateway["rss_rest"] > 0 and gateway["cpu_seconds"] is not None
 
 
 def test_flags_parse_into_options() -> None:
