@@ -969,19 +969,16 @@ class Relay:
         self._upstream.peer = self._client
         self.client_write = client.write
         self.upstream_write = upstream.write
-        self._receivers: tuple[Receiver, ...] = ()
         scan = FRAMESCAN
         if scan is not None:  # each side's reads go to C first (gateway/_framescan.c)
-            self._receivers = (
-                scan.Receiver(MethodType(_Side.data_received, self._client), upstream.write,
-                              True, max_client_message, *self._client._guarded, os.urandom),
-                scan.Receiver(MethodType(_Side.data_received, self._upstream), client.write,
-                              False, max_upstream_message, _RESPONSE_DONE,
-                              _TRANSCRIPTION_DONE, os.urandom))
-            for side, receiver in zip((self._client, self._upstream), self._receivers,
-                                      strict=True):
-                side.fast = receiver
-                setattr(side, "data_received", receiver)  # noqa: B010 - shadows the method
+            self._client.fast = scan.Receiver(
+                MethodType(_Side.data_received, self._client), upstream.write, True,
+                max_client_message, *self._client._guarded, os.urandom)
+            self._upstream.fast = scan.Receiver(
+                MethodType(_Side.data_received, self._upstream), client.write, False,
+                max_upstream_message, _RESPONSE_DONE, _TRANSCRIPTION_DONE, os.urandom)
+            for side in (self._client, self._upstream):
+                setattr(side, "data_received", side.fast)  # noqa: B010 - shadows the method
                 side.sync_fast()
         self._upstream_buffered = upstream_buffered
         self._upstream_lost = upstream_lost
@@ -1007,19 +1004,23 @@ class Relay:
 
     @property
     def client_messages(self) -> int:
-        return self._client_messages + sum(r.messages for r in self._receivers[:1])
+        fast = self._client.fast
+        return self._client_messages + (fast.messages if fast is not None else 0)
 
     @property
     def client_bytes(self) -> int:
-        return self._client_bytes + sum(r.payload_bytes for r in self._receivers[:1])
+        fast = self._client.fast
+        return self._client_bytes + (fast.payload_bytes if fast is not None else 0)
 
     @property
     def upstream_messages(self) -> int:
-        return self._upstream_messages + sum(r.messages for r in self._receivers[1:])
+        fast = self._upstream.fast
+        return self._upstream_messages + (fast.messages if fast is not None else 0)
 
     @property
     def upstream_bytes(self) -> int:
-        return self._upstream_bytes + sum(r.payload_bytes for r in self._receivers[1:])
+        fast = self._upstream.fast
+        return self._upstream_bytes + (fast.payload_bytes if fast is not None else 0)
 
     @property
     def sending_to_client(self) -> bool:

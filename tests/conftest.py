@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -37,7 +38,17 @@ def frame_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
     if request.param == "pure-python":
         monkeypatch.setattr(relay, "FRAMESCAN", None)
-    elif relay.FRAMESCAN is None:
+    else:
+        require_framescan()
+    return str(request.param)
+
+
+def require_framescan() -> ModuleType:
+    """The C frame scan; fails the calling test when it was not built (see
+    :func:`frame_loop` for why that is a failure, not a skip)."""
+    from gateway import relay
+
+    if relay.FRAMESCAN is None:
         pytest.fail("gateway._framescan is not built: run `pip install -e .` "
                     "(setup.py compiles it; see README)")
-    return str(request.param)
+    return relay.FRAMESCAN

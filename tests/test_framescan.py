@@ -25,10 +25,14 @@ from websockets.protocol import CLIENT, SERVER, Protocol
 
 from gateway import relay as relay_module
 from gateway.usage import RESPONSE_DONE_MARKER
+from tests.conftest import require_framescan
 from tests.test_relay import FakeTransport
 
-pytestmark = pytest.mark.skipif(relay_module.FRAMESCAN is None,
-                                reason="gateway._framescan is not built (pip install -e .)")
+
+@pytest.fixture(autouse=True)
+def framescan_built() -> None:
+    require_framescan()
+
 
 MAX_MESSAGE = 600
 USAGE = (b'{"type":"response.done","response":{"usage":{"total_tokens":3,"input_tokens":1,'
